@@ -1,0 +1,301 @@
+"""Flax linen building blocks of SwiftFormer, named after the paper and the official PyTorch code.
+
+Submodule and parameter names mirror the official PyTorch tree (`dwconv`, `pwconv1`, `attn.to_query`,
+`linear.fc1`, `layer_scale_1`, ...), so weight conversion is a rename table plus transposes
+(`layout.py`). Modules hold parameters; the math lives in `ops.py`.
+
+Layouts: activations are NHWC. 3x3 convs keep HWIO kernels; 1x1 convs are `nn.Dense` on the channel
+axis (kernel [in, out]), which is the same function and a plain matmul for XLA.
+
+Mixed precision: every module takes `dtype` (compute) and keeps float32 parameters; batch-norm
+statistics are always computed and stored in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from swiftformer_jax import ops
+
+Dtype = Any
+
+# timm's trunc_normal_(std=.02) truncates at +-2 in absolute value, i.e. +-100 standard deviations:
+# in effect a plain normal. Flax's bounds are in units of the standard deviation.
+TRUNC_NORMAL_002 = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+PYTORCH_BN_EPS = 1e-5
+PYTORCH_BN_MOMENTUM = 0.9  # Flax convention: new = m * old + (1 - m) * batch; PyTorch's 0.1.
+
+
+def dense_layer(features: int, dtype: Dtype, name: str) -> nn.Dense:
+    return nn.Dense(
+        features, dtype=dtype, param_dtype=jnp.float32, kernel_init=TRUNC_NORMAL_002,
+        bias_init=nn.initializers.zeros, name=name,
+    )
+
+
+def _conv3x3_stride2(features: int, dtype: Dtype, name: str) -> nn.Conv:
+    # PyTorch padding=1 pads one pixel on every side; XLA 'SAME' would pad (0, 1) for even sizes.
+    return nn.Conv(
+        features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype,
+        param_dtype=jnp.float32, kernel_init=TRUNC_NORMAL_002, bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+def batch_groups(batch: int, group_size: int | None) -> int:
+    """Number of ghost-batch groups for a batch: 1 for whole-batch statistics.
+
+    A batch no larger than the group is one group. Otherwise the batch must split into groups of
+    exactly `group_size`, so the statistics never depend on how the batch happens to be cut.
+    """
+    if group_size is None or batch <= group_size:
+        return 1
+    if batch % group_size:
+        raise ValueError(
+            f"batch of {batch} images does not split into ghost batch-norm groups of {group_size}; "
+            "use a batch that is a multiple of the group size (or set bn_group_size=None)"
+        )
+    return batch // group_size
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation over N, H, W with PyTorch's semantics, optionally over ghost groups.
+
+    Train mode normalises with the biased variance of the batch (or of each group of `group_size`
+    images: ghost batch norm, the statistics the official run had with 128 images per GPU).
+    Running statistics follow PyTorch: `new = 0.9 * old + 0.1 * batch`, with the *unbiased* variance
+    (n / (n - 1)) when `unbiased_running_var`, the PyTorch rule (Flax's own BatchNorm uses the biased
+    one). With ghost groups the running statistics take the mean of the per-group statistics.
+    Under `jax.jit` over a sharded batch the statistics are those of the global batch (or group):
+    they never depend on the device count.
+    """
+
+    group_size: int | None = None
+    momentum: float = PYTORCH_BN_MOMENTUM
+    epsilon: float = PYTORCH_BN_EPS
+    unbiased_running_var: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+
+        if not train:
+            inv = jax.lax.rsqrt(running_var.value + self.epsilon) * scale
+            return ((x32 - running_mean.value) * inv + bias).astype(self.dtype)
+
+        groups = batch_groups(x.shape[0], self.group_size)
+        grouped = x32.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+        axes = tuple(range(1, grouped.ndim - 1))
+        mean = jnp.mean(grouped, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)  # biased, two-pass
+        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape) * scale + bias
+
+        if not self.is_initializing():
+            count = grouped.size // (groups * channels)
+            batch_var = jnp.mean(var.reshape(groups, channels), axis=0)
+            if self.unbiased_running_var:
+                batch_var = batch_var * (count / max(count - 1, 1))
+            batch_mean = jnp.mean(mean.reshape(groups, channels), axis=0)
+            m = self.momentum
+            running_mean.value = m * running_mean.value + (1.0 - m) * batch_mean
+            running_var.value = m * running_var.value + (1.0 - m) * batch_var
+        return y.astype(self.dtype)
+
+
+class DepthwiseConv3x3(nn.Module):
+    """3x3 depthwise conv (PyTorch `Conv2d(C, C, 3, padding=1, groups=C)`); kernel [3, 3, 1, C]."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        kernel = self.param("kernel", TRUNC_NORMAL_002, (3, 3, 1, channels), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        return ops.depthwise_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+
+
+def _layer_scale(module: nn.Module, name: str, channels: int, init_value: float) -> jax.Array:
+    """A per-channel learnable scale of `module` (PyTorch shape (C, 1, 1), stored here as (C,))."""
+    return module.param(name, nn.initializers.constant(init_value), (channels,), jnp.float32)
+
+
+class Stem(nn.Module):
+    """Two stride-2 3x3 convs with BN and ReLU: [B, H, W, 3] -> [B, H/4, W/4, width]."""
+
+    width: int
+    bn_group_size: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        bn = dict(group_size=self.bn_group_size, dtype=self.dtype)
+        x = _conv3x3_stride2(self.width // 2, self.dtype, "conv1")(x)
+        x = nn.relu(BatchNorm(**bn, name="norm1")(x, train))
+        x = _conv3x3_stride2(self.width, self.dtype, "conv2")(x)
+        return nn.relu(BatchNorm(**bn, name="norm2")(x, train))
+
+
+class Embedding(nn.Module):
+    """Downsampling between stages: 3x3 stride-2 conv then BN."""
+
+    width: int
+    bn_group_size: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = _conv3x3_stride2(self.width, self.dtype, "proj")(x)
+        return BatchNorm(self.bn_group_size, dtype=self.dtype, name="norm")(x, train)
+
+
+class ConvEncoder(nn.Module):
+    """Inverted-residual conv block: dwconv3x3 -> BN -> 1x1 (C -> hidden) -> GELU -> 1x1 -> C.
+
+    Output `x + drop_path(layer_scale * y)` with layer scale initialised to 1. The official network
+    builds every ConvEncoder with drop path 0 (only SwiftFormerEncoders get the per-block rate);
+    `SwiftFormer` does the same.
+    """
+
+    hidden_dim: int
+    drop_path_rate: float = 0.0
+    bn_group_size: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        channels = x.shape[-1]
+        y = DepthwiseConv3x3(self.dtype, name="dwconv")(x)
+        y = BatchNorm(self.bn_group_size, dtype=self.dtype, name="norm")(y, train)
+        y = dense_layer(self.hidden_dim, self.dtype, "pwconv1")(y)
+        y = nn.gelu(y, approximate=False)  # PyTorch nn.GELU() is the exact, erf form
+        y = dense_layer(channels, self.dtype, "pwconv2")(y)
+        y = y * _layer_scale(self, "layer_scale", channels, 1.0).astype(y.dtype)
+        rng = self.make_rng("drop_path") if train and self.drop_path_rate > 0 else None
+        return x + ops.drop_path(y, self.drop_path_rate, rng, deterministic=not train)
+
+
+class LocalRepresentation(ConvEncoder):
+    """The SwiftFormerEncoder's first step: a ConvEncoder whose hidden width equals its width."""
+
+
+class EfficientAdditiveAttention(nn.Module):
+    """Holds the attention's parameters and calls `ops.efficient_additive_attention`.
+
+    Parameters: to_query, to_key, Proj, final ({"kernel": [D, D], "bias": [D]}, truncated normal
+    0.02 and zeros) and w_g [D, 1] ~ N(0, 1), as in the official code.
+    """
+
+    version: int = 2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        dim = tokens.shape[-1]
+
+        def dense_params(key, in_dim, out_dim):
+            return {"kernel": TRUNC_NORMAL_002(key, (in_dim, out_dim), jnp.float32),
+                    "bias": jnp.zeros((out_dim,), jnp.float32)}
+
+        params = {name: self.param(name, dense_params, dim, dim)
+                  for name in ("to_query", "to_key", "Proj", "final")}
+        params["w_g"] = self.param("w_g", nn.initializers.normal(1.0), (dim, 1), jnp.float32)
+        params = jax.tree.map(lambda p: p.astype(self.dtype), params)
+        return ops.efficient_additive_attention(params, tokens.astype(self.dtype), version=self.version)
+
+
+class Mlp(nn.Module):
+    """BN -> 1x1 (C -> hidden) -> GELU -> dropout -> 1x1 (hidden -> C) -> dropout."""
+
+    hidden_dim: int
+    drop_rate: float = 0.0
+    bn_group_size: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        channels = x.shape[-1]
+        x = BatchNorm(self.bn_group_size, dtype=self.dtype, name="norm1")(x, train)
+        x = nn.gelu(dense_layer(self.hidden_dim, self.dtype, "fc1")(x), approximate=False)
+        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+        x = dense_layer(channels, self.dtype, "fc2")(x)
+        return nn.Dropout(self.drop_rate)(x, deterministic=not train)
+
+
+class SwiftFormerEncoder(nn.Module):
+    """Local representation, then efficient additive attention and an MLP, each residual.
+
+    x = LocalRepresentation(x); x += drop_path(ls1 * Attn(tokens(x))); x += drop_path(ls2 * Mlp(x)),
+    with layer scales ls1, ls2 initialised to 1e-5.
+    """
+
+    mlp_ratio: int = 4
+    attention_version: int = 2
+    drop_path_rate: float = 0.0
+    drop_rate: float = 0.0
+    layer_scale_init: float = 1e-5
+    bn_group_size: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        batch, height, width, channels = x.shape
+        x = LocalRepresentation(
+            channels, bn_group_size=self.bn_group_size, dtype=self.dtype, name="local_representation"
+        )(x, train)
+
+        attn = EfficientAdditiveAttention(self.attention_version, self.dtype, name="attn")
+        y = attn(x.reshape(batch, height * width, channels)).reshape(x.shape)
+        y = y * _layer_scale(self, "layer_scale_1", channels, self.layer_scale_init).astype(y.dtype)
+        x = x + self._drop_path(y, train)
+
+        y = Mlp(self.mlp_ratio * channels, self.drop_rate, self.bn_group_size, self.dtype,
+                name="linear")(x, train)
+        y = y * _layer_scale(self, "layer_scale_2", channels, self.layer_scale_init).astype(y.dtype)
+        return x + self._drop_path(y, train)
+
+    def _drop_path(self, y: jax.Array, train: bool) -> jax.Array:
+        rng = self.make_rng("drop_path") if train and self.drop_path_rate > 0 else None
+        return ops.drop_path(y, self.drop_path_rate, rng, deterministic=not train)
+
+
+class Stage(nn.Module):
+    """One stage (PyTorch `network.i`): ConvEncoders, then one SwiftFormerEncoder as its last block.
+
+    `rates` are the per-block drop-path rates; as in the official Stage, ConvEncoders are built
+    without drop path and only the SwiftFormerEncoder uses its rate.
+    """
+
+    depth: int
+    rates: tuple[float, ...]
+    mlp_ratio: int
+    attention_version: int
+    drop_rate: float
+    layer_scale_init: float
+    bn_group_size: int | None
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        width = x.shape[-1]
+        for j in range(self.depth - 1):
+            x = ConvEncoder(
+                self.mlp_ratio * width, drop_path_rate=0.0, bn_group_size=self.bn_group_size,
+                dtype=self.dtype, name=f"block_{j}",
+            )(x, train)
+        return SwiftFormerEncoder(
+            mlp_ratio=self.mlp_ratio, attention_version=self.attention_version,
+            drop_path_rate=self.rates[-1], drop_rate=self.drop_rate,
+            layer_scale_init=self.layer_scale_init, bn_group_size=self.bn_group_size,
+            dtype=self.dtype, name=f"block_{self.depth - 1}",
+        )(x, train)

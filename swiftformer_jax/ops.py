@@ -1,0 +1,229 @@
+"""Pure functional ops: normalisation, the four attention mechanisms, depthwise conv, drop path.
+
+Everything here is a plain jnp function of arrays: no module state, safe under `jax.jit`,
+`jax.grad` and `jax.vmap`. The Flax modules in `layers.py` hold the parameters and call these.
+
+Attention functions share one calling convention, `fn(params, x, ...) -> y` with tokens
+`x` of shape [B, N, D], so that `experiments/` can time them side by side. `params` is a nested
+dict of arrays laid out like Flax `nn.Dense` parameters ({"kernel": [in, out], "bias": [out]});
+each mechanism has an `init_*_params(key, dim)` that builds one.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+Params = Mapping[str, object]
+
+# PyTorch's F.normalize default: the norm is clamped from below, eps outside the square root.
+L2_EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation and small building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = L2_EPS) -> jax.Array:
+    """`x / max(||x||_2, eps)` along `axis`, as PyTorch's `F.normalize`, with a finite gradient at 0.
+
+    The naive form differentiates sqrt at 0 and gives NaN. Clamping the *squared* norm at eps**2
+    before the square root is the same function (sqrt is monotonic) with a finite derivative.
+    """
+    squared = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    norm = jnp.sqrt(jnp.maximum(squared, jnp.asarray(eps, x.dtype) ** 2))
+    return x / norm
+
+
+def dense(params: Params, x: jax.Array) -> jax.Array:
+    """`x @ kernel + bias` over the last axis (a Linear layer, or a 1x1 conv on NHWC maps)."""
+    return jnp.matmul(x, params["kernel"]) + params["bias"]
+
+
+def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """3x3 depthwise convolution, stride 1, padding 1, on NHWC `x`.
+
+    `kernel` is [3, 3, 1, C] (the HWIO layout `lax.conv_general_dilated` takes with
+    `feature_group_count=C`), `bias` is [C]. Written as a sum of nine shifted, per-channel scaled
+    slices: the same result as the grouped convolution, and on XLA:CPU tens of times faster in both
+    directions (see DESIGN.md, performance facts).
+    """
+    if x.ndim != 4 or kernel.shape != (3, 3, 1, x.shape[-1]):
+        raise ValueError(
+            f"depthwise_conv3x3 expects x [B, H, W, C] and kernel [3, 3, 1, C]; got {x.shape} "
+            f"and {kernel.shape}"
+        )
+    height, width = x.shape[1], x.shape[2]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = bias.astype(x.dtype)
+    for i in range(3):
+        for j in range(3):
+            out = out + padded[:, i : i + height, j : j + width, :] * kernel[i, j, 0]
+    return out
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array | None, deterministic: bool) -> jax.Array:
+    """Stochastic depth: zero whole samples of a residual branch with probability `rate`.
+
+    Kept samples are scaled by 1 / (1 - rate) so the expectation is unchanged. The identity when
+    `deterministic` or `rate == 0`.
+    """
+    if deterministic or rate == 0.0:
+        return x
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path rate must be in [0, 1), got {rate}")
+    if rng is None:
+        raise ValueError("drop_path needs an rng when not deterministic and rate > 0")
+    keep = 1.0 - rate
+    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(rng, keep, mask_shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Efficient additive attention (SwiftFormer)
+# ----------------------------------------------------------------------------------------------
+
+ATTENTION_VERSIONS = (1, 2)
+
+
+def additive_token_weights(query: jax.Array, w_g: jax.Array, version: int) -> jax.Array:
+    """The per-token weights [B, N, 1] that pool normalised queries into the global query.
+
+    Version 2 (official code since 2023-07-26, timm): scores `q @ w_g * D**-0.5`, L2-normalised
+    over the tokens. Version 1 (first release, Hugging Face): a softmax over the trailing axis of
+    size 1, so every weight is exactly 1 and `w_g` receives no gradient. Kept as written there so
+    version-1 checkpoints compute their original function.
+    """
+    if version not in ATTENTION_VERSIONS:
+        raise ValueError(f"attention version must be one of {ATTENTION_VERSIONS}, got {version!r}")
+    scores = jnp.matmul(query, w_g) * (query.shape[-1] ** -0.5)  # [B, N, 1]
+    if version == 1:
+        return jax.nn.softmax(scores, axis=-1)
+    return l2_normalize(scores, axis=1)
+
+
+def efficient_additive_attention(params: Params, x: jax.Array, *, version: int = 2) -> jax.Array:
+    """SwiftFormer's efficient additive attention on tokens `x` [B, N, D] -> [B, N, D].
+
+    q, k = l2norm(Linear(x)); a = token weights (see `additive_token_weights`);
+    g = sum_n a_n q_n (one global query per image); out = final(Proj(g * k) + q).
+    Cost and memory are linear in N: the only interaction between tokens is the pooled g.
+    `params`: to_query, to_key, Proj, final (Dense layouts) and w_g [D, 1].
+    """
+    _check_tokens(x)
+    query = l2_normalize(dense(params["to_query"], x), axis=-1)
+    key = l2_normalize(dense(params["to_key"], x), axis=-1)
+    weights = additive_token_weights(query, params["w_g"], version)
+    global_query = jnp.sum(weights * query, axis=1, keepdims=True)  # [B, 1, D]
+    out = dense(params["Proj"], global_query * key) + query
+    return dense(params["final"], out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines the paper compares with (Fig. 2 of arXiv 2303.15446)
+# ----------------------------------------------------------------------------------------------
+
+
+def softmax_self_attention(params: Params, x: jax.Array, *, num_heads: int = 1) -> jax.Array:
+    """Multi-head softmax self-attention (ViT): softmax(q k^T / sqrt(d)) v. Quadratic in N.
+
+    `params`: qkv (Dense D -> 3D) and proj (Dense D -> D).
+    """
+    _check_tokens(x)
+    batch, tokens, dim = x.shape
+    head_dim = _head_dim(dim, num_heads)
+    qkv = dense(params["qkv"], x).reshape(batch, tokens, 3, num_heads, head_dim)
+    q, k, v = (qkv[:, :, i] for i in range(3))  # [B, N, H, d]
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * (head_dim**-0.5)
+    attn = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(batch, tokens, dim)
+    return dense(params["proj"], out)
+
+
+def transposed_attention(params: Params, x: jax.Array, *, num_heads: int = 1) -> jax.Array:
+    """Transposed (channel) attention (XCiT / Restormer / EdgeNeXt): attention between channels.
+
+    q and k are L2-normalised along the tokens; the [d, d] map softmax(q^T k * temperature) mixes
+    channels, so cost is linear in N and quadratic in the channel width.
+    `params`: qkv (Dense D -> 3D), proj (Dense D -> D), temperature [num_heads].
+    """
+    _check_tokens(x)
+    batch, tokens, dim = x.shape
+    head_dim = _head_dim(dim, num_heads)
+    qkv = dense(params["qkv"], x).reshape(batch, tokens, 3, num_heads, head_dim)
+    q, k, v = (qkv[:, :, i] for i in range(3))  # [B, N, H, d]
+    q = l2_normalize(q, axis=1)
+    k = l2_normalize(k, axis=1)
+    logits = jnp.einsum("bnhc,bnhd->bhcd", q, k) * params["temperature"][None, :, None, None]
+    attn = jax.nn.softmax(logits, axis=-1)  # [B, H, d, d]
+    out = jnp.einsum("bhcd,bnhd->bnhc", attn, v).reshape(batch, tokens, dim)
+    return dense(params["proj"], out)
+
+
+def separable_attention(params: Params, x: jax.Array) -> jax.Array:
+    """MobileViT-v2 separable self-attention: one context vector from softmax-weighted keys.
+
+    scores = softmax_n(Linear_{D->1}(x)); context = sum_n scores_n k_n; out = proj(relu(v) * context).
+    Linear in N. `params`: qkv (Dense D -> 1 + 2D) and proj (Dense D -> D).
+    """
+    _check_tokens(x)
+    dim = x.shape[-1]
+    qkv = dense(params["qkv"], x)
+    scores, key, value = qkv[..., :1], qkv[..., 1 : 1 + dim], qkv[..., 1 + dim :]
+    weights = jax.nn.softmax(scores, axis=1)  # over tokens
+    context = jnp.sum(weights * key, axis=1, keepdims=True)
+    return dense(params["proj"], jax.nn.relu(value) * context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter builders (for benchmarks and tests; the Flax modules initialise their own)
+# ----------------------------------------------------------------------------------------------
+
+
+def init_dense_params(key: jax.Array, in_dim: int, out_dim: int, dtype=jnp.float32) -> dict:
+    """Truncated-normal(0.02) kernel and zero bias, the official initialisation of Linear layers."""
+    kernel = 0.02 * jax.random.truncated_normal(key, -100.0, 100.0, (in_dim, out_dim), dtype)
+    return {"kernel": kernel, "bias": jnp.zeros((out_dim,), dtype)}
+
+
+def init_efficient_additive_params(key: jax.Array, dim: int, dtype=jnp.float32) -> dict:
+    keys = jax.random.split(key, 5)
+    params = {
+        name: init_dense_params(k, dim, dim, dtype)
+        for name, k in zip(("to_query", "to_key", "Proj", "final"), keys[:4])
+    }
+    params["w_g"] = jax.random.normal(keys[4], (dim, 1), dtype)
+    return params
+
+
+def init_softmax_self_attention_params(key: jax.Array, dim: int, dtype=jnp.float32) -> dict:
+    k1, k2 = jax.random.split(key)
+    return {"qkv": init_dense_params(k1, dim, 3 * dim, dtype), "proj": init_dense_params(k2, dim, dim, dtype)}
+
+
+def init_transposed_attention_params(
+    key: jax.Array, dim: int, num_heads: int = 1, dtype=jnp.float32
+) -> dict:
+    params = init_softmax_self_attention_params(key, dim, dtype)
+    params["temperature"] = jnp.ones((num_heads,), dtype)
+    return params
+
+
+def init_separable_attention_params(key: jax.Array, dim: int, dtype=jnp.float32) -> dict:
+    k1, k2 = jax.random.split(key)
+    return {"qkv": init_dense_params(k1, dim, 1 + 2 * dim, dtype), "proj": init_dense_params(k2, dim, dim, dtype)}
+
+
+def _check_tokens(x: jax.Array) -> None:
+    if x.ndim != 3:
+        raise ValueError(f"attention expects tokens of shape [B, N, D], got shape {x.shape}")
+
+
+def _head_dim(dim: int, num_heads: int) -> int:
+    if num_heads < 1 or dim % num_heads:
+        raise ValueError(f"width {dim} is not divisible into {num_heads} heads")
+    return dim // num_heads
