@@ -1,0 +1,289 @@
+"""The pure ops against float64 NumPy references written from the formulas (DESIGN.md, the paper)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from swiftformer_jax import ops
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy float64 references
+# ---------------------------------------------------------------------------------------------
+
+
+def np_l2norm(x, axis):
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def np_dense(p, x):
+    return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def np_additive_attention(p, x, version):
+    q = np_l2norm(np_dense(p["to_query"], x), -1)
+    k = np_l2norm(np_dense(p["to_key"], x), -1)
+    d = x.shape[-1]
+    if version == 1:
+        a = np.ones(q.shape[:2] + (1,))  # softmax over a single element
+    else:
+        a = np_l2norm(q @ np.asarray(p["w_g"], np.float64) * d**-0.5, 1)
+    g = (a * q).sum(axis=1, keepdims=True)
+    return np_dense(p["final"], np_dense(p["Proj"], g * k) + q)
+
+
+def np_softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def np_softmax_attention(p, x, heads):
+    b, n, d = x.shape
+    qkv = np_dense(p["qkv"], x).reshape(b, n, 3, heads, d // heads).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv  # [B, H, N, d]
+    attn = np_softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(d // heads), -1)
+    return np_dense(p["proj"], (attn @ v).transpose(0, 2, 1, 3).reshape(b, n, d))
+
+
+def np_transposed_attention(p, x, heads):
+    b, n, d = x.shape
+    qkv = np_dense(p["qkv"], x).reshape(b, n, 3, heads, d // heads).transpose(2, 0, 3, 4, 1)
+    q, k, v = qkv  # [B, H, d, N]
+    q, k = np_l2norm(q, -1), np_l2norm(k, -1)
+    temp = np.asarray(p["temperature"], np.float64)[None, :, None, None]
+    attn = np_softmax(q @ k.transpose(0, 1, 3, 2) * temp, -1)  # [B, H, d, d]
+    out = (attn @ v).transpose(0, 3, 1, 2).reshape(b, n, d)
+    return np_dense(p["proj"], out)
+
+
+def np_separable_attention(p, x):
+    d = x.shape[-1]
+    qkv = np_dense(p["qkv"], x)
+    i, k, v = qkv[..., :1], qkv[..., 1 : 1 + d], qkv[..., 1 + d :]
+    context = (np_softmax(i, 1) * k).sum(axis=1, keepdims=True)
+    return np_dense(p["proj"], np.maximum(v, 0) * context)
+
+
+def randomised(params, key, scale=0.3):
+    """Random values everywhere: default init (zero biases) would hide bias mistakes."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+
+
+def tokens(shape, seed=0):
+    return np.random.RandomState(seed).randn(*shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# L2 normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_l2_normalize_matches_pytorch_formula():
+    x = tokens((4, 5, 7))
+    x[0, 0] = 0.0  # a zero vector stays zero (norm clamped at eps)
+    x[1, 1] = 1e-14  # below eps: divided by eps, not by its norm
+    for axis in (-1, 1):
+        got = np.asarray(ops.l2_normalize(jnp.asarray(x), axis=axis))
+        np.testing.assert_allclose(got, np_l2norm(x.astype(np.float64), axis), rtol=1e-6, atol=1e-7)
+
+
+def test_l2_normalize_gradient_is_finite_at_zero():
+    grad = jax.grad(lambda v: jnp.sum(ops.l2_normalize(v) * jnp.arange(3.0)))(jnp.zeros(3))
+    assert np.all(np.isfinite(grad))
+    # At zero the function is x / eps: its gradient is the upstream gradient / eps.
+    np.testing.assert_allclose(grad, np.arange(3.0) / 1e-12, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Efficient additive attention
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_efficient_additive_attention_matches_numpy(version):
+    params = randomised(ops.init_efficient_additive_params(jax.random.key(0), 16), jax.random.key(1))
+    x = tokens((3, 20, 16))
+    got = ops.efficient_additive_attention(params, jnp.asarray(x), version=version)
+    want = np_additive_attention(params, x.astype(np.float64), version)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
+def test_versions_compute_different_functions():
+    params = randomised(ops.init_efficient_additive_params(jax.random.key(0), 16), jax.random.key(1))
+    x = jnp.asarray(tokens((2, 20, 16)))
+    v1 = ops.efficient_additive_attention(params, x, version=1)
+    v2 = ops.efficient_additive_attention(params, x, version=2)
+    assert float(jnp.max(jnp.abs(v1 - v2))) > 1e-3
+
+
+def test_version_1_gives_every_token_weight_one_and_w_g_no_gradient():
+    params = randomised(ops.init_efficient_additive_params(jax.random.key(0), 8), jax.random.key(1))
+    q = ops.l2_normalize(jnp.asarray(tokens((2, 11, 8))))
+    weights = ops.additive_token_weights(q, params["w_g"], version=1)
+    assert weights.shape == (2, 11, 1)
+    np.testing.assert_array_equal(np.asarray(weights), 1.0)
+
+    x = jnp.asarray(tokens((2, 11, 8)))
+    def loss(p, version):
+        return jnp.sum(ops.efficient_additive_attention(p, x, version=version) ** 2)
+    assert float(jnp.abs(jax.grad(loss)(params, 1)["w_g"]).max()) == 0.0
+    assert float(jnp.abs(jax.grad(loss)(params, 2)["w_g"]).max()) > 0.0
+
+
+def test_version_2_token_weights_have_unit_norm_over_tokens():
+    params = randomised(ops.init_efficient_additive_params(jax.random.key(0), 8), jax.random.key(1))
+    q = ops.l2_normalize(jnp.asarray(tokens((2, 11, 8))))
+    weights = ops.additive_token_weights(q, params["w_g"], version=2)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(weights), axis=1), 1.0, rtol=1e-5)
+
+
+def test_unknown_attention_version_is_rejected():
+    params = ops.init_efficient_additive_params(jax.random.key(0), 8)
+    with pytest.raises(ValueError, match="version"):
+        ops.efficient_additive_attention(params, jnp.ones((1, 4, 8)), version=3)
+
+
+def _array_shapes_in(fn, *args):
+    """Every intermediate shape in the jaxpr (including sub-jaxprs) and in the optimised HLO."""
+    jaxpr_text = str(jax.make_jaxpr(fn)(*args))
+    hlo_text = jax.jit(fn).lower(*args).compile().as_text()
+    return jaxpr_text + hlo_text
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_additive_attention_holds_no_n_by_n_array(with_grad):
+    n, d = 3136, 64  # 56 x 56 tokens, stage-1 resolution at 224 px
+    params = ops.init_efficient_additive_params(jax.random.key(0), d)
+    x = jnp.ones((1, n, d))
+
+    def forward(p, x):
+        return ops.efficient_additive_attention(p, x)
+
+    fn = jax.grad(lambda p, x: jnp.sum(forward(p, x))) if with_grad else forward
+    text = _array_shapes_in(fn, params, x)
+    assert re.search(r"\b3136,\s*3136\b|\b3136\]\[3136\b", text) is None
+
+    # The check can fail: softmax self-attention at the same size does build N x N.
+    sa_params = ops.init_softmax_self_attention_params(jax.random.key(0), d)
+    sa_text = str(jax.make_jaxpr(ops.softmax_self_attention)(sa_params, x))
+    assert re.search(r"\b3136,3136\b", sa_text) is not None
+
+
+def test_additive_attention_under_vmap_and_jit():
+    params = ops.init_efficient_additive_params(jax.random.key(0), 8)
+    x = jnp.asarray(tokens((5, 2, 6, 8)))
+    batched = jax.jit(jax.vmap(lambda xi: ops.efficient_additive_attention(params, xi)))(x)
+    direct = ops.efficient_additive_attention(params, x.reshape(10, 6, 8)).reshape(5, 2, 6, 8)
+    np.testing.assert_allclose(np.asarray(batched), np.asarray(direct), rtol=1e-6, atol=1e-6)
+
+
+def test_additive_attention_bfloat16_within_tolerance_of_float32():
+    """bfloat16 has an 8-bit mantissa (relative step 2**-8 = 0.4%); we allow 3% of the output scale."""
+    params = randomised(ops.init_efficient_additive_params(jax.random.key(0), 64), jax.random.key(1))
+    x = jnp.asarray(tokens((2, 196, 64)))
+    f32 = ops.efficient_additive_attention(params, x)
+    bf16 = ops.efficient_additive_attention(
+        jax.tree.map(lambda p: p.astype(jnp.bfloat16), params), x.astype(jnp.bfloat16)
+    )
+    assert bf16.dtype == jnp.bfloat16
+    err = float(jnp.max(jnp.abs(bf16.astype(jnp.float32) - f32)))
+    assert err <= 0.03 * float(jnp.max(jnp.abs(f32)))
+
+
+def test_attention_rejects_non_token_input():
+    params = ops.init_efficient_additive_params(jax.random.key(0), 8)
+    with pytest.raises(ValueError, match=r"\[B, N, D\].*\(2, 8\)"):
+        ops.efficient_additive_attention(params, jnp.ones((2, 8)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline attention mechanisms
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_softmax_self_attention_matches_numpy(heads):
+    params = randomised(ops.init_softmax_self_attention_params(jax.random.key(0), 16), jax.random.key(2))
+    x = tokens((2, 9, 16))
+    got = ops.softmax_self_attention(params, jnp.asarray(x), num_heads=heads)
+    np.testing.assert_allclose(np.asarray(got), np_softmax_attention(params, x.astype(np.float64), heads),
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_transposed_attention_matches_numpy(heads):
+    params = randomised(ops.init_transposed_attention_params(jax.random.key(0), 16, heads), jax.random.key(3))
+    x = tokens((2, 9, 16))
+    got = ops.transposed_attention(params, jnp.asarray(x), num_heads=heads)
+    np.testing.assert_allclose(np.asarray(got), np_transposed_attention(params, x.astype(np.float64), heads),
+                               rtol=2e-5, atol=2e-5)
+
+
+def test_separable_attention_matches_numpy():
+    params = randomised(ops.init_separable_attention_params(jax.random.key(0), 16), jax.random.key(4))
+    x = tokens((2, 9, 16))
+    got = ops.separable_attention(params, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got), np_separable_attention(params, x.astype(np.float64)),
+                               rtol=2e-5, atol=2e-5)
+
+
+def test_heads_must_divide_width():
+    params = ops.init_softmax_self_attention_params(jax.random.key(0), 10)
+    with pytest.raises(ValueError, match="10.*3 heads"):
+        ops.softmax_self_attention(params, jnp.ones((1, 4, 10)), num_heads=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Depthwise conv and drop path
+# ---------------------------------------------------------------------------------------------
+
+
+def test_depthwise_conv_matches_grouped_convolution():
+    x = jnp.asarray(tokens((2, 9, 8, 5)))
+    kernel = jnp.asarray(tokens((3, 3, 1, 5), seed=1))
+    bias = jnp.asarray(tokens((5,), seed=2))
+    want = jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=5, precision="highest",
+    ) + bias
+    np.testing.assert_allclose(np.asarray(ops.depthwise_conv3x3(x, kernel, bias)), np.asarray(want),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_conv_rejects_wrong_kernel():
+    with pytest.raises(ValueError, match=r"\[3, 3, 1, C\]"):
+        ops.depthwise_conv3x3(jnp.ones((1, 4, 4, 5)), jnp.ones((3, 3, 5, 5)), jnp.ones(5))
+
+
+def test_drop_path_is_identity_when_deterministic():
+    x = jnp.asarray(tokens((8, 4, 4, 3)))
+    np.testing.assert_array_equal(ops.drop_path(x, 0.5, jax.random.key(0), deterministic=True), x)
+    np.testing.assert_array_equal(ops.drop_path(x, 0.0, None, deterministic=False), x)
+
+
+def test_drop_path_keeps_the_expectation_and_drops_whole_samples():
+    rate = 0.3
+    x = jnp.ones((20000, 2, 2, 3))
+    y = np.asarray(ops.drop_path(x, rate, jax.random.key(0), deterministic=False))
+    per_sample = y.reshape(20000, -1)
+    # Whole samples are dropped or kept, kept ones scaled by 1 / (1 - rate).
+    kept_value = 1 / (1 - rate)
+    assert np.all(np.isclose(per_sample, 0.0) | np.isclose(per_sample, kept_value, rtol=1e-6))
+    assert np.all(per_sample.min(axis=1) == per_sample.max(axis=1))
+    dropped = np.mean(per_sample[:, 0] == 0)
+    assert abs(dropped - rate) < 0.015  # binomial std ~0.0032
+    assert abs(y.mean() - 1.0) < 0.02
+
+
+def test_drop_path_needs_rng_and_valid_rate():
+    with pytest.raises(ValueError, match="rng"):
+        ops.drop_path(jnp.ones((2, 3)), 0.1, None, deterministic=False)
+    with pytest.raises(ValueError, match="rate"):
+        ops.drop_path(jnp.ones((2, 3)), 1.0, jax.random.key(0), deterministic=False)
