@@ -1,0 +1,811 @@
+"""PyTorch <-> Flax weights for SwiftFormer, and the `python -m swiftformer_jax.convert` command line.
+
+Three PyTorch namings of the same tensors are understood (DESIGN.md):
+  official  the authors' code: `patch_embed.{0,1,3,4}`, `network.{i}.{j}.*`, `norm`, `head`, `dist_head`
+  hf        Hugging Face `SwiftFormerForImageClassification`: `swiftformer.patch_embed.patch_embedding.*`,
+            `swiftformer.encoder.network.{i}.blocks.{j}.*` (`depth_wise_conv`, `point_wise_conv1/2`,
+            `attn.proj`), `norm`, `head`, `dist_head`
+  timm      `stem.*`, `stages.{k}.blocks.{j}.*`, `stages.{k}.downsample.*`, layer scales `*.gamma`,
+            `attn.proj`, `head_dist`
+Every name is first brought to the official name, which `layout.official_key` pairs with a Flax leaf;
+`layout` also does every transpose. A key is accepted only if renaming it back gives the same key,
+so a checkpoint that mixes namings is reported, not half-read.
+
+Conversion is strict: every tensor is used, every Flax leaf is filled, every shape is checked, and
+any mismatch raises one ValueError that lists the missing, unexpected and mis-shaped keys
+(`num_batches_tracked` buffers are ignored on the way in). The model a state dict needs (variant,
+class count, distillation head, feature-pyramid norms) is read from its shapes: `model_spec`.
+
+The attention version (DESIGN.md: version 1 for Hugging Face and the first official release,
+version 2 for later official weights and timm) is not stored in any checkpoint: the same tensors
+compute different functions. The caller states it when building the model; the command line
+defaults to 1 for Hugging Face naming and 2 otherwise, and records it in the imported checkpoint.
+
+Imported checkpoints are directories: `state/` (an orbax checkpoint of {"params", "batch_stats"})
+and `metadata.json` (model spec, attention version, source file and its sha256). `load_checkpoint`
+reads one back into (model, variables, metadata).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from swiftformer_jax import layout, ops
+from swiftformer_jax.model import VARIANTS, SwiftFormer, create_model
+
+NAMINGS = ("official", "hf", "timm")
+# Entries of the official training checkpoints ({'model', 'model_ema', 'optimizer', 'args', ...}).
+CHECKPOINT_ENTRIES = ("model", "model_ema")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")
+SAFETENSORS_SUFFIX = ".safetensors"
+METADATA_FILE = "metadata.json"
+STATE_DIR = "state"
+METADATA_FORMAT = "swiftformer-jax/imported-checkpoint"
+METADATA_FORMAT_VERSION = 1
+
+_DDP_PREFIX = "module."
+_HF_PREFIX = "swiftformer."
+_NUM_BATCHES_TRACKED = "num_batches_tracked"
+_MAX_LISTED = 12  # keys listed per category in a mismatch error
+
+# The default attention version of each naming (see the module docstring).
+DEFAULT_ATTENTION_VERSION = {"official": 2, "hf": 1, "timm": 2}
+
+
+# ----------------------------------------------------------------------------------------------
+# The model a state dict needs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What a set of weights fixes about the model; everything else (attention version, dtype,
+    drop rates, ghost batch norm) is the caller's choice and goes to `create_model`.
+
+    `num_classes` 0 means no classifier (pooled features out); `features_only` means the four
+    feature-pyramid norms of the official `fork_feat` model instead of the classifier.
+    """
+
+    variant: str
+    num_classes: int = 1000
+    distillation: bool = True
+    features_only: bool = False
+
+    def create_model(self, **kwargs: Any) -> SwiftFormer:
+        """`create_model` for these weights; `kwargs` are the other `create_model` arguments."""
+        fixed = {f.name for f in dataclasses.fields(self)} & set(kwargs)
+        if fixed:
+            raise ValueError(
+                f"{sorted(fixed)} are fixed by the weights ({self}); pass only other create_model "
+                "arguments (attention_version, dtype, drop_path_rate, ...)"
+            )
+        return create_model(
+            self.variant, num_classes=self.num_classes, distillation=self.distillation,
+            features_only=self.features_only, **kwargs,
+        )
+
+
+def model_spec(state_dict: Mapping, variant: str | None = None, *, which: str = "model") -> ModelSpec:
+    """The `ModelSpec` a PyTorch state dict (any naming, any wrapping) needs.
+
+    The variant comes from the stage depths and widths unless given; the class count from the
+    head's shape; distillation from the presence of a second head; `features_only` from the
+    official `norm0`..`norm6` feature norms. Shapes are not checked here: `from_torch` does that.
+    """
+    return _spec_from_tensors(_canonical(state_dict, which), variant)
+
+
+def infer_variant(state_dict: Mapping, *, which: str = "model") -> str:
+    """"XS", "S", "L1" or "L3" from the stage depths and widths of a state dict (any naming).
+
+    Raises ValueError saying which depths and widths it found when they match no variant.
+    """
+    return _infer_variant(_canonical(state_dict, which))
+
+
+def detect_naming(state_dict: Mapping, *, which: str = "model") -> str:
+    """"official", "hf" or "timm": the naming of a state dict, after unwrapping."""
+    return _canonical(state_dict, which).naming
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch -> Flax
+# ----------------------------------------------------------------------------------------------
+
+
+def from_torch(state_dict: Mapping, variant: str | None = None, *, which: str = "model") -> dict:
+    """Flax variables {"params", "batch_stats"} from a PyTorch SwiftFormer state dict.
+
+    Accepts official, Hugging Face and timm naming; torch tensors or NumPy arrays; the release
+    format {'model': ..., 'model_ema': ...} (`which` picks the entry), DDP's `module.` prefix and
+    Hugging Face's `swiftformer.` prefix. The variant is inferred when None. The result has exactly
+    the tree `model_spec(state_dict).create_model().init(...)` produces, in float32.
+    Raises one ValueError listing every missing, unexpected and mis-shaped key.
+    """
+    return _convert(_canonical(state_dict, which), variant)[1]
+
+
+def _convert(weights: "_Canonical", variant: str | None) -> tuple[ModelSpec, dict]:
+    spec = _spec_from_tensors(weights, variant)
+    expected = _expected_leaves(spec)  # official key -> (flax key tuple, ShapeDtypeStruct)
+    missing = [key for key in expected if key not in weights.tensors]
+    unexpected = list(weights.rejected) + [key for key in weights.tensors if key not in expected]
+    misshaped = []
+    for key, (flax_key, struct) in expected.items():
+        if key not in weights.tensors:
+            continue
+        array = weights.tensors[key]
+        want = layout.torch_shape(flax_key[1:], struct.shape)
+        if array.shape != want:
+            misshaped.append(f"{weights.display(key)}: got {array.shape}, expected {want}")
+        elif not np.issubdtype(array.dtype, np.floating):
+            misshaped.append(f"{weights.display(key)}: got dtype {array.dtype}, expected floating point")
+    if missing or unexpected or misshaped:
+        raise ValueError(_mismatch_message(
+            spec, weights, [weights.display(k) for k in missing],
+            [weights.display(k) if k in weights.tensors else k for k in unexpected], misshaped,
+        ))
+    flat = {}
+    for key, (flax_key, struct) in expected.items():
+        array = layout.from_torch_layout(flax_key[1:], weights.tensors[key], struct.shape)
+        flat[flax_key] = jnp.asarray(array, dtype=struct.dtype)
+    return spec, traverse_util.unflatten_dict(flat)
+
+
+def _mismatch_message(spec, weights, missing, unexpected, misshaped) -> str:
+    counts = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped"
+    lines = [
+        f"state dict ({weights.naming} naming) does not match SwiftFormer-{spec.variant} "
+        f"(num_classes={spec.num_classes}, distillation={spec.distillation}, "
+        f"features_only={spec.features_only}): {counts}"
+    ]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = ", ".join(items[:_MAX_LISTED])
+            more = f", ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+            lines.append(f"  {title}: {shown}{more}")
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def _expected_leaves(spec: ModelSpec) -> dict[str, tuple[tuple[str, ...], jax.ShapeDtypeStruct]]:
+    """Official key -> (Flax key (collection, *path), shape and dtype) for every leaf of the model.
+
+    Read from `jax.eval_shape` of the model's own `init`, so the tree is by construction the one
+    `create_model(...).init` produces (the attention version does not change it).
+    """
+    model = spec.create_model()
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False), images)
+    flat = traverse_util.flatten_dict(shapes)
+    return {
+        layout.official_key(flax_key[0], flax_key[1:]): (flax_key, flat[flax_key])
+        for flax_key in sorted(flat, key=_module_order)
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Flax -> PyTorch
+# ----------------------------------------------------------------------------------------------
+
+
+def to_torch(
+    variables: Mapping, naming: str = "official", *, num_batches_tracked: bool = True
+) -> dict[str, np.ndarray]:
+    """{name: NumPy array} in the PyTorch layout and naming, for `load_state_dict(strict=True)`.
+
+    `naming` "official" (the authors' model), "hf" (`SwiftFormerForImageClassification`) or "timm".
+    `variables` holds "params" and optionally "batch_stats" (so gradients map too: pass
+    {"params": grads}). With `num_batches_tracked`, every BatchNorm also gets its
+    `num_batches_tracked` buffer (0): the key set is then exactly `model.state_dict()`'s. Strict
+    loading of a plain dict accepts it either way (PyTorch fills the buffer in), but
+    `from_pretrained` and other loaders compare key sets. Hugging Face and timm always build a
+    distillation head and have no feature-pyramid norms: weights without the one or with the
+    other only export with official naming.
+    """
+    _check_naming(naming)
+    collections = set(variables)
+    if "params" not in collections or collections - {"params", "batch_stats"}:
+        raise ValueError(
+            f"variables must hold 'params' and optionally 'batch_stats'; got {sorted(collections)}"
+        )
+    flat = traverse_util.flatten_dict(_plain(variables))
+    top_level = {flax_key[1] for flax_key in flat}
+    if naming != "official" and "head" in top_level and "dist_head" not in top_level:
+        raise ValueError(
+            f"{naming} models always have a distillation head (dist_head) and these variables have "
+            "none; export with naming='official'"
+        )
+    out: dict[str, np.ndarray] = {}
+    for flax_key in sorted(flat, key=_module_order):
+        collection, path = flax_key[0], flax_key[1:]
+        try:
+            key = layout.official_key(collection, path)
+        except KeyError as error:
+            raise ValueError(f"not a SwiftFormer variable: {'/'.join(flax_key)} ({error})") from None
+        name = _from_official(key, naming)
+        array = layout.to_torch_layout(path, flat[flax_key])
+        out[name] = array if array.flags.writeable else array.copy()  # torch.from_numpy wants writable
+        if num_batches_tracked and collection == "batch_stats" and path[-1] == "var":
+            out[name[: -len("running_var")] + _NUM_BATCHES_TRACKED] = np.zeros((), np.int64)
+    return out
+
+
+def _module_order(flax_key: tuple[str, ...]) -> tuple:
+    """Sort key that lists tensors in network order (stem, stages in order, head), like PyTorch."""
+    parts = []
+    for part in flax_key[1:]:
+        match = re.fullmatch(r"(\D*?)_?(\d+)", part)
+        parts.append((match.group(1), int(match.group(2))) if match else (part, -1))
+    top = flax_key[1]
+    rank = 0 if top == "patch_embed" else 1 if top.startswith("network_") else 2
+    return (rank, parts, flax_key[0])
+
+
+def _plain(tree: Mapping) -> dict:
+    """Nested plain dicts (FrozenDicts and other mappings unwrapped) for `flatten_dict`."""
+    return {k: _plain(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Names: every naming to and from the official one
+# ----------------------------------------------------------------------------------------------
+
+# Part names inside blocks: official -> Hugging Face, official -> timm.
+_HF_PARTS = {
+    "dwconv": "depth_wise_conv", "pwconv1": "point_wise_conv1", "pwconv2": "point_wise_conv2", "Proj": "proj",
+}
+_TIMM_PARTS = {"Proj": "proj"}
+_LAYER_SCALES = ("layer_scale", "layer_scale_1", "layer_scale_2")
+_HEAD_KEY = re.compile(r"(norm|head|dist_head)\.(weight|bias|running_mean|running_var)")
+
+
+def _rename_parts(rest: str, table: Mapping[str, str]) -> str:
+    return ".".join(table.get(part, part) for part in rest.split("."))
+
+
+def _official_to_hf(key: str) -> str:
+    """Official name -> Hugging Face name (without the `swiftformer.` prefix)."""
+    if match := re.fullmatch(r"patch_embed\.(\d+)\.(.+)", key):
+        return f"patch_embed.patch_embedding.{match[1]}.{match[2]}"
+    if match := re.fullmatch(r"network\.(\d*[02468])\.(\d+)\.(.+)", key):
+        return f"encoder.network.{match[1]}.blocks.{match[2]}.{_rename_parts(match[3], _HF_PARTS)}"
+    if match := re.fullmatch(r"network\.(\d*[13579])\.(.+)", key):
+        return f"encoder.network.{match[1]}.{match[2]}"
+    if _HEAD_KEY.fullmatch(key):
+        return key
+    raise ValueError(f"{key!r} has no Hugging Face name (HF SwiftFormer has no feature-pyramid norms)")
+
+
+def _hf_to_official(key: str) -> str | None:
+    if match := re.fullmatch(r"patch_embed\.patch_embedding\.(\d+)\.(.+)", key):
+        return f"patch_embed.{match[1]}.{match[2]}"
+    if match := re.fullmatch(r"encoder\.network\.(\d+)\.blocks\.(\d+)\.(.+)", key):
+        inverse = {v: k for k, v in _HF_PARTS.items()}
+        return f"network.{match[1]}.{match[2]}.{_rename_parts(match[3], inverse)}"
+    if match := re.fullmatch(r"encoder\.network\.(\d+)\.(.+)", key):
+        return f"network.{match[1]}.{match[2]}"
+    return key if _HEAD_KEY.fullmatch(key) else None
+
+
+def _official_to_timm(key: str) -> str:
+    if match := re.fullmatch(r"patch_embed\.(\d+)\.(.+)", key):
+        return f"stem.{match[1]}.{match[2]}"
+    if match := re.fullmatch(r"network\.(\d+)\.(.+)", key):
+        index, rest = int(match[1]), match[2]
+        if index % 2:
+            return f"stages.{(index + 1) // 2}.downsample.{rest}"
+        rest = _rename_parts(rest, _TIMM_PARTS)
+        if rest.split(".")[-1] in _LAYER_SCALES:
+            rest += ".gamma"
+        return f"stages.{index // 2}.blocks.{rest}"
+    if match := re.fullmatch(r"dist_head\.(.+)", key):
+        return f"head_dist.{match[1]}"
+    if _HEAD_KEY.fullmatch(key):
+        return key
+    raise ValueError(f"{key!r} has no timm name (timm SwiftFormer has no feature-pyramid norms)")
+
+
+def _timm_to_official(key: str) -> str | None:
+    if match := re.fullmatch(r"stem\.(\d+)\.(.+)", key):
+        return f"patch_embed.{match[1]}.{match[2]}"
+    if match := re.fullmatch(r"stages\.(\d+)\.downsample\.(.+)", key):
+        return f"network.{2 * int(match[1]) - 1}.{match[2]}" if int(match[1]) > 0 else None
+    if match := re.fullmatch(r"stages\.(\d+)\.blocks\.(.+)", key):
+        rest = _rename_parts(match[2], {v: k for k, v in _TIMM_PARTS.items()})
+        parts = rest.split(".")
+        if len(parts) >= 2 and parts[-1] == "gamma" and parts[-2] in _LAYER_SCALES:
+            rest = ".".join(parts[:-1])
+        return f"network.{2 * int(match[1])}.{rest}"
+    if match := re.fullmatch(r"head_dist\.(.+)", key):
+        return f"dist_head.{match[1]}"
+    return key if _HEAD_KEY.fullmatch(key) else None
+
+
+_TO_OFFICIAL: dict[str, Callable[[str], str | None]] = {
+    "official": lambda key: key,
+    "hf": _hf_to_official,
+    "timm": _timm_to_official,
+}
+_FROM_OFFICIAL: dict[str, Callable[[str], str]] = {
+    "official": lambda key: key,
+    "hf": _official_to_hf,
+    "timm": _official_to_timm,
+}
+
+
+def _from_official(key: str, naming: str) -> str:
+    """Official name -> the full name in `naming` (Hugging Face names get `swiftformer.`)."""
+    name = _FROM_OFFICIAL[naming](key)
+    if naming == "hf" and not _HEAD_KEY.fullmatch(name):
+        name = _HF_PREFIX + name
+    return name
+
+
+def _check_naming(naming: str) -> None:
+    if naming not in NAMINGS:
+        raise ValueError(f"unknown naming {naming!r}; valid: {', '.join(NAMINGS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Unwrapping a checkpoint into official names and NumPy arrays
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Canonical:
+    """A state dict brought to official names: what every public function works on."""
+
+    tensors: dict[str, np.ndarray]  # official key -> array (num_batches_tracked dropped)
+    naming: str
+    source_names: dict[str, str]  # official key -> the key as the checkpoint spells it
+    rejected: tuple[str, ...]  # checkpoint keys with no official name, or not tensors
+    entry: str | None  # "model" / "model_ema" when unwrapped from a training checkpoint
+
+    def display(self, official: str) -> str:
+        """A key as the checkpoint spells it (or would, for a missing one)."""
+        if official in self.source_names:
+            return self.source_names[official]
+        try:
+            return _from_official(official, self.naming)
+        except ValueError:
+            return official
+
+
+def _canonical(checkpoint: Mapping, which: str) -> _Canonical:
+    state, entry = _select_entry(checkpoint, which)
+    keys = list(state)
+    if keys and all(isinstance(k, str) and k.startswith(_DDP_PREFIX) for k in keys):
+        state = {k[len(_DDP_PREFIX):]: v for k, v in state.items()}
+    naming = _naming_of(state)
+    tensors, source_names, rejected = {}, {}, []
+    for name, value in state.items():
+        if not isinstance(name, str):
+            rejected.append(repr(name))
+            continue
+        if name.rsplit(".", 1)[-1] == _NUM_BATCHES_TRACKED:
+            continue
+        local = name[len(_HF_PREFIX):] if naming == "hf" and name.startswith(_HF_PREFIX) else name
+        official = _TO_OFFICIAL[naming](local)
+        if official is None or _round_trip(official, naming) != local or official in tensors:
+            rejected.append(name)
+            continue
+        array = _as_numpy(value)
+        if array is None:
+            rejected.append(f"{name} (a {type(value).__name__}, not a tensor)")
+            continue
+        tensors[official] = array
+        source_names[official] = name
+    return _Canonical(tensors, naming, source_names, tuple(rejected), entry)
+
+
+def _round_trip(official: str, naming: str) -> str | None:
+    try:
+        return _FROM_OFFICIAL[naming](official)
+    except ValueError:
+        return None
+
+
+def _select_entry(checkpoint: Mapping, which: str) -> tuple[Mapping, str | None]:
+    """The state dict inside a training checkpoint ({'model': ..., 'model_ema': ...}), or itself."""
+    if which not in CHECKPOINT_ENTRIES:
+        raise ValueError(f"which must be one of {CHECKPOINT_ENTRIES}, got {which!r}")
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(
+            f"expected a state dict (a mapping of names to tensors), got a {type(checkpoint).__name__}"
+        )
+    wrapped = [k for k in CHECKPOINT_ENTRIES if isinstance(checkpoint.get(k), Mapping)]
+    if wrapped:
+        if which not in wrapped:
+            raise ValueError(
+                f"the checkpoint has no {which!r} entry; its top-level keys are "
+                f"{sorted(map(str, checkpoint))}"
+            )
+        return checkpoint[which], which
+    if which != "model":
+        raise ValueError(
+            f"the checkpoint is a bare state dict ({len(checkpoint)} entries), it has no {which!r} entry"
+        )
+    return checkpoint, None
+
+
+def _naming_of(state: Mapping) -> str:
+    keys = [k for k in state if isinstance(k, str)]
+    hf = any(k.startswith((_HF_PREFIX, "patch_embed.patch_embedding.", "encoder.network.")) for k in keys)
+    timm = any(k.startswith(("stem.", "stages.")) for k in keys)
+    if hf and timm:
+        raise ValueError(
+            "the state dict mixes Hugging Face names (swiftformer.*) and timm names (stem.*, stages.*)"
+        )
+    return "hf" if hf else "timm" if timm else "official"
+
+
+def _as_numpy(value) -> np.ndarray | None:
+    """A torch tensor or array-like as a NumPy array (half precision widened exactly to float32)."""
+    if type(value).__module__.startswith("torch"):
+        if not hasattr(value, "detach"):
+            return None
+        value = value.detach().cpu()
+        if value.dtype.is_floating_point and value.element_size() < 4:
+            value = value.float()
+        return value.numpy()
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        return np.asarray(value)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Variant and head from shapes
+# ----------------------------------------------------------------------------------------------
+
+
+def _infer_variant(weights: _Canonical) -> str:
+    depths, widths = _stage_structure(weights)
+    for name, variant in VARIANTS.items():
+        if variant.depths == depths and variant.widths == widths:
+            return name
+    known = "; ".join(f"{n} depths {v.depths} widths {v.widths}" for n, v in VARIANTS.items())
+    if not any(d for d in depths):
+        first = list(weights.source_names.values())[:5] + list(weights.rejected)[:5]
+        raise ValueError(
+            f"found no SwiftFormer stage tensors in this {weights.naming}-named state dict of "
+            f"{len(weights.tensors) + len(weights.rejected)} entries (first keys: {first}); known "
+            f"variants: {known}"
+        )
+    raise ValueError(
+        f"no SwiftFormer variant has depths {depths} and widths {widths} (read from a "
+        f"{weights.naming}-named state dict); known variants: {known}"
+    )
+
+
+def _stage_structure(weights: _Canonical) -> tuple[tuple[int, ...], tuple[int | None, ...]]:
+    """(depths, widths) as found: depth = blocks seen per stage; width = output channels of the
+    stem's second conv (stage 0) or of the downsampling conv before the stage (None if absent)."""
+    blocks: dict[int, set[int]] = {i: set() for i in range(4)}
+    for key in weights.tensors:
+        if match := re.match(r"network\.(\d+)\.(\d+)\.", key):
+            index = int(match[1])
+            if index % 2 == 0 and index // 2 in blocks:
+                blocks[index // 2].add(int(match[2]))
+    depths = tuple(max(b) + 1 if b else 0 for b in blocks.values())
+    sources = ["patch_embed.3.weight"] + [f"network.{2 * i - 1}.proj.weight" for i in (1, 2, 3)]
+    widths = tuple(
+        int(weights.tensors[k].shape[0]) if k in weights.tensors and weights.tensors[k].ndim else None
+        for k in sources
+    )
+    return depths, widths
+
+
+def _spec_from_tensors(weights: _Canonical, variant: str | None) -> ModelSpec:
+    if variant is None:
+        variant = _infer_variant(weights)
+    elif str(variant).upper() not in VARIANTS:
+        raise ValueError(f"unknown SwiftFormer variant {variant!r}; valid names: {', '.join(VARIANTS)}")
+    variant = str(variant).upper()
+    tensors = weights.tensors
+    if any(re.match(r"norm[0246]\.", key) for key in tensors):
+        return ModelSpec(variant, num_classes=0, distillation=False, features_only=True)
+    head = tensors.get("head.weight")
+    if head is None or head.ndim != 2:
+        return ModelSpec(variant, num_classes=0, distillation=False)
+    return ModelSpec(variant, num_classes=int(head.shape[0]), distillation="dist_head.weight" in tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: reading PyTorch checkpoints, writing them, imported orbax checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def read_torch_file(path: str | os.PathLike) -> Mapping:
+    """Read a .pth / .pt / .bin / .pth.tar (`torch.load(weights_only=True)`) or .safetensors file.
+
+    Only tensors and plain containers load (no pickled code), plus `argparse.Namespace`, which the
+    official training checkpoints store under 'args'. Raises FileNotFoundError or a one-line
+    ValueError for a missing, truncated or foreign file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:  # noqa: BLE001 - any failure here means "not a readable file"
+            raise ValueError(f"cannot read {path} as a safetensors file: {_first_line(error)}") from None
+    if path.suffix not in TORCH_SUFFIXES:
+        raise ValueError(
+            f"cannot read {path}: unsupported file type {path.suffix!r}; expected one of "
+            f"{', '.join(TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,))}"
+        )
+    import torch
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
+        unsupported = re.search(r"Unsupported global: GLOBAL [\w.]+", str(error))
+        reason = unsupported.group(0) if unsupported else _first_line(error)
+        raise ValueError(
+            f"cannot read {path} as a PyTorch checkpoint (not a torch.save file, truncated, or it "
+            f"holds objects other than tensors): {type(error).__name__}: {reason}"
+        ) from None
+
+
+def write_torch_file(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Write {name: array} as .safetensors or a `torch.save` file (.pth/.pt/.bin), atomically.
+
+    Refuses an existing `path`; writes a temporary sibling file and renames it at the end, so a
+    failure leaves nothing behind.
+    """
+    path = Path(path)
+    _check_torch_suffix(path)
+    if path.exists():
+        raise FileExistsError(f"output already exists: {path}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory does not exist: {path.parent}")
+    import torch
+
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    try:
+        _set_default_mode(temporary, 0o666)
+        if path.suffix == SAFETENSORS_SUFFIX:
+            from safetensors.torch import save_file
+
+            save_file(tensors, temporary, metadata={"format": "pt"})
+        else:
+            torch.save(tensors, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _check_torch_suffix(path: Path) -> None:
+    if path.suffix not in TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,):
+        raise ValueError(
+            f"cannot write {path}: unsupported file type {path.suffix!r}; use .pth, .pt, .bin or "
+            ".safetensors"
+        )
+
+
+def import_checkpoint(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    variant: str | None = None,
+    attention_version: int | None = None,
+    which: str = "model",
+) -> dict:
+    """Convert a PyTorch checkpoint file into an imported checkpoint directory; returns its metadata.
+
+    `attention_version` None takes the naming's default (1 for Hugging Face, else 2). The directory
+    is built under a temporary sibling name and renamed at the end; it must not exist yet.
+    """
+    output = Path(output)
+    if output.exists():
+        raise FileExistsError(f"output already exists: {output}")
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"output directory does not exist: {output.parent}")
+    if attention_version is not None and attention_version not in ops.ATTENTION_VERSIONS:
+        raise ValueError(
+            f"attention version must be one of {ops.ATTENTION_VERSIONS}, got {attention_version}"
+        )
+    source = Path(checkpoint)
+    weights = _canonical(read_torch_file(source), which)
+    spec, variables = _convert(weights, variant)
+    if attention_version is None:
+        attention_version = DEFAULT_ATTENTION_VERSION[weights.naming]
+    metadata = {
+        "format": METADATA_FORMAT,
+        "format_version": METADATA_FORMAT_VERSION,
+        **dataclasses.asdict(spec),
+        "attention_version": attention_version,
+        "source": {
+            "file": str(source.resolve()),
+            "sha256": _sha256(source),
+            "naming": weights.naming,
+            "entry": weights.entry,
+        },
+    }
+    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        _set_default_mode(temporary, 0o777)
+        _save_state(temporary / STATE_DIR, variables)
+        (temporary / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        os.rename(temporary, output)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary)
+    return metadata
+
+
+def export_checkpoint(
+    directory: str | os.PathLike, output: str | os.PathLike, *, naming: str = "official",
+    num_batches_tracked: bool = True,
+) -> None:
+    """Write an imported checkpoint directory back as a PyTorch state dict file (see `to_torch`)."""
+    _check_naming(naming)
+    output = Path(output)
+    _check_torch_suffix(output)
+    if output.exists():
+        raise FileExistsError(f"output already exists: {output}")
+    _, variables, _ = load_checkpoint(directory)
+    write_torch_file(to_torch(variables, naming, num_batches_tracked=num_batches_tracked), output)
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """The metadata.json of an imported checkpoint directory, checked for format and fields."""
+    path = Path(directory) / METADATA_FILE
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not an imported checkpoint (no {METADATA_FILE})")
+    try:
+        metadata = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT:
+        raise ValueError(f"{path} is not swiftformer-jax checkpoint metadata (format != {METADATA_FORMAT!r})")
+    missing = [f.name for f in dataclasses.fields(ModelSpec)] + ["attention_version"]
+    missing = [name for name in missing if name not in metadata]
+    if missing:
+        raise ValueError(f"{path} lacks the fields {missing}")
+    return metadata
+
+
+def load_checkpoint(directory: str | os.PathLike, **model_kwargs: Any) -> tuple[SwiftFormer, dict, dict]:
+    """(model, variables, metadata) from an imported checkpoint directory.
+
+    The model is built from the metadata (variant, classes, distillation, attention version);
+    `model_kwargs` are further `create_model` arguments (dtype, drop_path_rate, bn_group_size,
+    or attention_version to override the recorded one). Variables come back as
+    {"params", "batch_stats"} on the default device.
+    """
+    import orbax.checkpoint as ocp
+
+    metadata = read_metadata(directory)
+    spec = ModelSpec(
+        variant=metadata["variant"], num_classes=metadata["num_classes"],
+        distillation=metadata["distillation"], features_only=metadata["features_only"],
+    )
+    model = spec.create_model(**{"attention_version": metadata["attention_version"], **model_kwargs})
+    expected = _expected_leaves(spec)
+    abstract = traverse_util.unflatten_dict({flax_key: s for flax_key, s in expected.values()})
+    state = Path(directory).resolve() / STATE_DIR
+    if not state.is_dir():
+        raise FileNotFoundError(f"{directory} has no {STATE_DIR}/ directory")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            variables = checkpointer.restore(state, abstract)
+    except Exception as error:  # noqa: BLE001 - orbax raises many types for a bad directory
+        raise ValueError(
+            f"cannot restore {state} as SwiftFormer-{spec.variant} variables: {_first_line(error)}"
+        ) from None
+    return model, variables, metadata
+
+
+def _save_state(path: Path, variables: Mapping) -> None:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path.resolve(), variables)
+        checkpointer.wait_until_finished()
+
+
+def _set_default_mode(path: str | os.PathLike, mode: int) -> None:
+    """Give a tempfile-made path (created 0700 / 0600) the mode a plain open/mkdir would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m swiftformer_jax.convert",
+        description="Convert SwiftFormer weights between PyTorch files and orbax checkpoints.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    imp = commands.add_parser(
+        "import", help="PyTorch .pth/.pt/.bin/.safetensors (official, Hugging Face or timm) -> orbax dir",
+    )
+    imp.add_argument("--checkpoint", required=True, help="PyTorch checkpoint file")
+    imp.add_argument("--output", required=True, help="directory to create (must not exist)")
+    imp.add_argument("--variant", choices=list(VARIANTS), type=str.upper, help="default: from shapes")
+    imp.add_argument(
+        "--attention-version", type=int, choices=ops.ATTENTION_VERSIONS,
+        help="1: first official release (March 2023) and Hugging Face; 2: official since July 2023 "
+        "and timm. Default: 1 for Hugging Face naming, else 2",
+    )
+    imp.add_argument("--ema", action="store_true", help="take 'model_ema' from a training checkpoint")
+    exp = commands.add_parser("export", help="orbax dir (made by import or training) -> PyTorch file")
+    exp.add_argument("--checkpoint", required=True, help="imported checkpoint directory")
+    exp.add_argument("--naming", choices=NAMINGS, default="official")
+    exp.add_argument("--output", required=True, help=".pth/.pt/.bin or .safetensors file (must not exist)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 with a one-line message for user errors)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "import":
+            metadata = import_checkpoint(
+                args.checkpoint, args.output, variant=args.variant,
+                attention_version=args.attention_version, which="model_ema" if args.ema else "model",
+            )
+            source = metadata["source"]
+            entry = f", entry {source['entry']!r}" if source["entry"] else ""
+            print(
+                f"imported SwiftFormer-{metadata['variant']} ({metadata['num_classes']} classes, "
+                f"distillation={metadata['distillation']}, features_only={metadata['features_only']}, "
+                f"attention version {metadata['attention_version']}; {source['naming']} naming{entry}) "
+                f"into {args.output}"
+            )
+        else:
+            export_checkpoint(args.checkpoint, args.output, naming=args.naming)
+            print(f"exported {args.checkpoint} with {args.naming} naming to {args.output}")
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
