@@ -1,0 +1,83 @@
+"""Train SwiftFormer: `python main.py --config=configs/s.py --workdir=DIR [--config.KEY=VALUE ...]`.
+
+Multi-host: pass --coordinator_address, --num_processes and --process_id to every process, or run
+under a launcher JAX detects by itself (SLURM, Open MPI, Cloud TPU / GKE); a plain single-host run
+starts no distributed runtime.
+"""
+
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and metrics.jsonl go here.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host without auto-detection).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host without auto-detection).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host without auto-detection).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Environment variables set by launchers JAX can read its coordinator, process count and index
+# from (jax._src.clusters): only then is auto-detection attempted.
+_MULTI_PROCESS_ENV = (
+    "JAX_COORDINATOR_ADDRESS",  # set by hand or by a k8s JobSet
+    "SLURM_STEP_NODELIST",  # srun
+    "OMPI_MCA_orte_hnp_uri",  # Open MPI's mpirun
+    "TPU_WORKER_HOSTNAMES",  # Cloud TPU on GKE
+    "MEGASCALE_COORDINATOR_ADDRESS",  # multi-slice TPU
+)
+
+
+def _initialize_distributed() -> None:
+    import jax
+
+    explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if any(value is not None for value in explicit):
+        if any(value is None for value in explicit):
+            raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif any(os.environ.get(name) for name in _MULTI_PROCESS_ENV):
+        jax.distributed.initialize()  # the launcher's environment says who is who
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with a one-line message for a --config.KEY the config does not have."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        sys.stderr.write(f"FATAL Flags parsing error: {error}\nPass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(1)
+    except (AttributeError, KeyError) as error:  # config_flags applies overrides while parsing
+        text = str(error).replace("\\n", " ").replace("\\'", "'").replace('\\"', '"')
+        names = re.findall(r"'(\w+)'", text)
+        hint = re.search(r'Did you mean "(\w+)"', text)
+        overrides = [arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")]
+        culprit = next((a for a in overrides if names and a.endswith("." + names[0])), "a --config.KEY override")
+        suggestion = f' (did you mean "{hint.group(1)}"?)' if hint else ""
+        sys.stderr.write(
+            f"FATAL Flags parsing error: {culprit}: the config has no such key{suggestion}. Every key "
+            "is listed, with a comment, in configs/default.py.\n"
+        )
+        sys.exit(1)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _initialize_distributed()
+
+    import jax
+
+    from swiftformer_jax import train
+
+    logging.info("JAX %s, process %d of %d; %d local / %d global devices: %s", jax.__version__,
+                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.local_devices())
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

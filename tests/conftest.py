@@ -1,0 +1,62 @@
+"""Shared test setup: a persistent XLA compilation cache, the digits data set, a tiny trainer config.
+
+Compiling a SwiftFormer train step takes tens of seconds on a 2-core CPU, and the training tests
+compile the same programs several times (a run, its resumption, a subprocess). The persistent
+compilation cache makes every compile after the first a cache hit; it stores compiled code only,
+keyed by the program, so it cannot change a result. The environment variables reach subprocesses.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # `from configs import ...`, as main.py does
+    sys.path.insert(0, REPO)
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "swiftformer_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory) -> str:
+    """A TFDS data dir holding the digits data set (written once per session, from scikit-learn)."""
+    from swiftformer_jax import digits
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    digits.Digits(data_dir=data_dir).download_and_prepare()
+    return data_dir
+
+
+def tiny_config(data_dir: str, **overrides):
+    """The quickstart config shrunk to seconds: a 4-block network, batch 16, 6 steps.
+
+    Eval uses batches of 64 over the 300 test images, so its last batch is padded (300 = 4*64 + 44).
+    `overrides` are dotted keys with '__' for '.', e.g. model__drop_path_rate=0.1.
+    """
+    from configs import quickstart
+
+    config = quickstart.get_config()
+    config.data_dir = data_dir
+    config.model.depths = (1, 1, 1, 1)
+    config.model.widths = (8, 16, 16, 24)
+    config.batch_size = 16
+    config.eval_batch_size = 64
+    config.total_steps = 6
+    config.warmup_steps = 2
+    config.log_every_steps = 1
+    config.eval_every_steps = 3
+    config.checkpoint_every_steps = 3
+    config.ema_decay = 0.9
+    for key, value in overrides.items():
+        *path, last = key.split("__")
+        node = config
+        for name in path:
+            node = node[name]
+        node[last] = value
+    return config

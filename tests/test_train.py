@@ -1,0 +1,473 @@
+"""The training system end to end on the digits data set with a 4-block network and 32px images.
+
+One uninterrupted 6-step run and one run stopped at step 4 and resumed are shared by most tests;
+the compiled programs are shared through the persistent compilation cache (conftest.py), so the
+other runs (non-finite loss, SIGTERM in a subprocess, init_from) mostly reuse them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, tiny_config
+from swiftformer_jax import checkpoint, convert, input_pipeline, metrics, optim, sharding, train
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+# The loop tests turn on every random path of the step: mixup/cutmix (groups of 8), ghost batch
+# norm (groups of 8), drop path, repeated augmentation.
+LOOP = dict(
+    mixup__mixup_alpha=0.8, mixup__cutmix_alpha=1.0, mixup__group_size=8, bn_group_size=8,
+    model__drop_path_rate=0.1, repeated_aug=2,
+)
+TRAIN_KEYS = ("train/loss", "train/learning_rate", "train/grad_norm", "train/images_per_second")
+EVAL_KEYS = ("eval/accuracy", "eval/ema_accuracy", "eval/loss")
+
+
+def loop_config(data_dir, **overrides):
+    return tiny_config(data_dir, **{**LOOP, **overrides})
+
+
+def host(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def abstract_state(config, run):
+    """The TrainState's shapes with their shardings, as `train_and_evaluate` restores into."""
+    return train.abstract_train_state(run.model, run.tx, config, run.mesh, jax.random.key(0))[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, digits_data_dir):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    state = train.train_and_evaluate(loop_config(digits_data_dir), workdir)
+    return workdir, host(state)
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, digits_data_dir):
+    workdir = str(tmp_path_factory.mktemp("resumed"))
+    first = train.train_and_evaluate(loop_config(digits_data_dir), workdir, stop_at_step=4)
+    first_step = int(first.step)
+    state = train.train_and_evaluate(loop_config(digits_data_dir), workdir)
+    return workdir, first_step, host(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop: metrics, schedule, EMA, checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def test_metrics_jsonl_every_logged_step_and_eval_on_eval_steps(uninterrupted):
+    workdir, _ = uninterrupted
+    records = metrics.read_metrics(workdir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for record in records:
+        assert all(np.isfinite(record[key]) for key in TRAIN_KEYS), record
+        has_eval = record["step"] in (3, 6)
+        assert all((key in record) == has_eval for key in EVAL_KEYS), record
+        if has_eval:
+            # Every one of the 300 test images counted once: 5 batches of 64, the last one padded.
+            assert record["eval/num_examples"] == 300
+            assert 0.0 <= record["eval/accuracy"] <= 1.0 and 0.0 <= record["eval/ema_accuracy"] <= 1.0
+
+
+def test_tensorboard_event_files_hold_the_scalars(uninterrupted):
+    workdir, _ = uninterrupted
+    files = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+    assert files
+    tags = set()
+    for record in tf.data.TFRecordDataset(files):
+        event = tf.compat.v1.Event.FromString(record.numpy())
+        tags.update(value.tag for value in event.summary.value)
+    assert set(TRAIN_KEYS + EVAL_KEYS) <= tags
+
+
+def test_learning_rate_follows_the_configured_schedule(uninterrupted, digits_data_dir):
+    workdir, _ = uninterrupted
+    config = loop_config(digits_data_dir)
+    steps = train.durations(config, 1497)
+    assert (steps.total_steps, steps.warmup_steps, steps.eval_every, steps.checkpoint_every) == (6, 2, 3, 3)
+    schedule = optim.learning_rate_schedule(base_lr=2e-3, warmup_lr=1e-6, min_lr=1e-5, warmup_steps=2, total_steps=6)
+    for record in metrics.read_metrics(workdir):  # the lr of the update that made step s: schedule(s - 1)
+        assert record["train/learning_rate"] == pytest.approx(float(schedule(record["step"] - 1)), rel=1e-6)
+
+
+def test_durations_convert_epochs_and_steps_in_one_place(digits_data_dir):
+    config = tiny_config(digits_data_dir, total_steps=-1, num_epochs=3.0, warmup_steps=-1, warmup_epochs=0.5,
+                         eval_every_steps=-1, eval_every_epochs=1.0, checkpoint_every_steps=10)
+    steps = train.durations(config, 1497)  # 1497 // 16 = 93 steps per epoch
+    assert steps == train.Durations(93, 279, 46, 93, 10, 1)
+    config.warmup_steps = 500
+    with pytest.raises(train.ConfigError, match="warm-up .* is longer than the run"):
+        train.durations(config, 1497)
+
+
+def test_official_per_epoch_schedule_with_its_lag(digits_data_dir):
+    config = tiny_config(digits_data_dir, total_steps=-1, num_epochs=4.0, warmup_steps=-1, warmup_epochs=1.0,
+                         lr_per_epoch=True, lr_lag_one_epoch=True)
+    steps = train.durations(config, 1497)
+    _, schedule = train.build_optimizer(config, steps, {"head": {"kernel": jnp.zeros((2, 2))}})
+    lrs = [float(schedule(s)) for s in range(0, 4 * 93, 93 // 3)]
+    epoch_of = [s // 93 for s in range(0, 4 * 93, 93 // 3)]
+    for epoch in range(4):  # constant within an epoch
+        assert len({lr for lr, e in zip(lrs, epoch_of) if e == epoch}) == 1
+    assert float(schedule(0)) == float(schedule(93)) == pytest.approx(1e-6)  # the lag: epoch 1 = epoch 0
+    expected = 1e-5 + 0.5 * (2e-3 - 1e-5) * (1 + np.cos(np.pi * 1 / 4))  # timm's cosine at epoch index 1
+    assert float(schedule(2 * 93)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_ema_decay_warm_up_is_optional_and_official_off(digits_data_dir):
+    from configs import default
+
+    assert train.ema_decay_at(default.get_config(), 0) == 0.99996  # official: constant from step 0
+    config = tiny_config(digits_data_dir, ema_decay=0.99, ema_warmup=True)
+    assert [float(train.ema_decay_at(config, t)) for t in (0, 10, 890, 5000)] == pytest.approx(
+        [0.1, 11 / 20, 0.99, 0.99])
+
+
+def test_ema_is_in_the_state_saved_and_differs_from_the_raw_model(uninterrupted):
+    workdir, state = uninterrupted
+    assert int(state.step) == 6
+    raw = jax.tree_util.tree_leaves(state.params)
+    ema = jax.tree_util.tree_leaves(state.ema_params)
+    assert len(raw) == len(ema) and any(not np.allclose(a, b) for a, b in zip(raw, ema))
+    assert jax.tree_util.tree_structure(state.ema_batch_stats) == jax.tree_util.tree_structure(state.batch_stats)
+    _, saved_ema = checkpoint.load_variables(workdir, ema=True)
+    for a, b in zip(jax.tree_util.tree_leaves(saved_ema["params"]), ema):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_eval_evaluates_raw_and_ema_models(uninterrupted, digits_data_dir):
+    workdir, state = uninterrupted
+    config = loop_config(digits_data_dir)
+    run = train.setup(config)
+    shardings = sharding.tree_shardings(state, run.mesh, config.mesh.fsdp_min_size_mb)
+    _, eval_step = train.jit_steps(config, run.model, run.tx, run.schedule, 10, None, run.mesh, shardings)
+    batch_sharding = sharding.batch_sharding(run.mesh)
+    put = lambda s: jax.device_put(s, shardings)  # noqa: E731
+    recorded = metrics.read_metrics(workdir)[-1]
+    both = train.evaluate(config, eval_step, put(state), batch_sharding, 300)
+    assert both["eval/accuracy"] == pytest.approx(recorded["eval/accuracy"])
+    assert both["eval/ema_accuracy"] == pytest.approx(recorded["eval/ema_accuracy"])
+    # The EMA slot evaluates the EMA weights: put the raw weights there and the two agree.
+    swapped = state.replace(ema_params=state.params, ema_batch_stats=state.batch_stats)
+    same = train.evaluate(config, eval_step, put(swapped), batch_sharding, 300)
+    assert same["eval/ema_accuracy"] == same["eval/accuracy"] == both["eval/accuracy"]
+    assert same["eval/ema_loss"] == pytest.approx(same["eval/loss"])
+    assert both["eval/ema_loss"] != pytest.approx(both["eval/loss"])
+
+
+def test_checkpoints_round_trip_the_whole_state(uninterrupted, digits_data_dir):
+    workdir, state = uninterrupted
+    config = loop_config(digits_data_dir)
+    manager = checkpoint.Checkpointer(workdir, keep=3, best_metric="eval/accuracy")
+    try:
+        assert list(manager.all_steps()) == [3, 6]
+        restored = host(manager.restore(6, abstract_state(config, train.setup(config))))
+        assert manager.model_info(6) == train.model_info(config, 10)
+    finally:
+        manager.close()
+    assert isinstance(restored, train.TrainState)
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_continues_at_the_right_step_with_the_same_data(uninterrupted, resumed):
+    workdir_a, state_a = uninterrupted
+    workdir_b, first_step, state_b = resumed
+    assert first_step == 4  # stopped (with a checkpoint) at step 4, not at a checkpoint interval
+    records_a = {r["step"]: r for r in metrics.read_metrics(workdir_a)}
+    records_b = metrics.read_metrics(workdir_b)
+    assert [r["step"] for r in records_b] == [1, 2, 3, 4, 5, 6]
+    for record in records_b:  # same batches, same mixup/drop-path draws, same state: same losses
+        assert record["train/loss"] == pytest.approx(records_a[record["step"]]["train/loss"], rel=1e-5)
+    for name in ("params", "batch_stats", "ema_params", "ema_batch_stats", "opt_state"):
+        for a, b in zip(jax.tree_util.tree_leaves(getattr(state_a, name)), jax.tree_util.tree_leaves(getattr(state_b, name))):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=name)
+    manager = checkpoint.Checkpointer(workdir_b, keep=3)
+    try:
+        assert list(manager.all_steps()) == [3, 4, 6]
+    finally:
+        manager.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping: non-finite loss, SIGTERM
+# ---------------------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digits_data_dir, monkeypatch):
+    original = input_pipeline.train_dataset
+
+    def poisoned(*args, start_step=0, **kwargs):
+        for step, batch in enumerate(original(*args, start_step=start_step, **kwargs), start=start_step):
+            if step == 4:  # the batch of step 5 (steps count from 1 once done)
+                batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+            yield batch
+
+    monkeypatch.setattr(input_pipeline, "train_dataset", poisoned)
+    workdir = str(tmp_path)
+    with pytest.raises(train.NonFiniteLossError, match=r"step 5 .*last good checkpoint \(step 3\).*intact"):
+        train.train_and_evaluate(loop_config(digits_data_dir), workdir)
+    assert max(r["step"] for r in metrics.read_metrics(workdir)) < 5
+    _, variables = checkpoint.load_variables(workdir)
+    manager = checkpoint.Checkpointer(workdir, keep=3)
+    try:
+        assert list(manager.all_steps()) == [3]
+    finally:
+        manager.close()
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(variables))
+
+
+SIGTERM_CHILD = textwrap.dedent(r"""
+    import sys, time
+    sys.path[:0] = [REPO, TESTS]
+    from test_train import loop_config
+    from swiftformer_jax import input_pipeline, train
+
+    original = input_pipeline.train_dataset
+    def slow(*args, **kwargs):  # 6 steps take seconds, so the signal lands mid-run
+        for batch in original(*args, **kwargs):
+            time.sleep(1.0)
+            yield batch
+    input_pipeline.train_dataset = slow
+    state = train.train_and_evaluate(loop_config(DATA), WORKDIR)
+    print("RETURNED AT STEP", int(state.step), flush=True)
+""")
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path, digits_data_dir):
+    workdir = str(tmp_path / "work")
+    code = f"REPO, TESTS, DATA, WORKDIR = {REPO!r}, {TESTS!r}, {digits_data_dir!r}, {workdir!r}\n" + SIGTERM_CHILD
+    log = open(tmp_path / "child.log", "w")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        jsonl = os.path.join(workdir, metrics.METRICS_FILE)
+        while time.time() < deadline and child.poll() is None:
+            if os.path.exists(jsonl) and metrics.read_metrics(workdir):
+                break
+            time.sleep(0.2)
+        assert child.poll() is None, open(tmp_path / "child.log").read()[-3000:]
+        child.send_signal(signal.SIGTERM)
+        returncode = child.wait(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        log.close()
+    output = open(tmp_path / "child.log").read()
+    assert returncode == 0, output[-3000:]
+    stopped = int(output.split("RETURNED AT STEP ")[1].split()[0])
+    assert 1 <= stopped < 6 and f"Stopped at step {stopped}" in output
+    config = loop_config(digits_data_dir)
+    manager = checkpoint.Checkpointer(workdir, keep=3)
+    try:
+        assert manager.latest_step() == stopped
+        restored = manager.restore(stopped, abstract_state(config, train.setup(config)))
+    finally:
+        manager.close()
+    assert int(restored.step) == stopped
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning and teachers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_init_from_a_checkpoint_of_ours_loads_weights_and_starts_fresh(uninterrupted, tmp_path, digits_data_dir):
+    source, trained = uninterrupted
+    config = loop_config(digits_data_dir, init_from=source)
+    run = train.setup(config)
+    manager = checkpoint.Checkpointer(str(tmp_path), keep=1)
+    try:
+        state, _ = train.initial_state(config, run, jax.random.key(0), manager)
+    finally:
+        manager.close()
+    state = host(state)
+    assert int(state.step) == 0
+    for name, ema_name in (("params", "ema_params"), ("batch_stats", "ema_batch_stats")):
+        for got, ema, want in zip(jax.tree_util.tree_leaves(getattr(state, name)),
+                                  jax.tree_util.tree_leaves(getattr(state, ema_name)),
+                                  jax.tree_util.tree_leaves(getattr(trained, name))):
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(ema, want)
+    assert all(not np.any(x) for x in jax.tree_util.tree_leaves(state.opt_state) if x.dtype != np.int32)
+
+
+@pytest.fixture(scope="module")
+def xs_pytorch_file(tmp_path_factory):
+    """A SwiftFormer-XS PyTorch state dict (1000 classes, distillation head), as released."""
+    model = checkpoint.ModelInfo.from_variant("XS", num_classes=1000, distillation=True).create()
+    abstract = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3))))
+    rs = np.random.RandomState(0)
+    variables = jax.tree_util.tree_map(lambda s: np.abs(rs.normal(0.5, 0.1, s.shape)).astype(np.float32), abstract)
+    path = tmp_path_factory.mktemp("torch") / "swiftformer_xs.pth"
+    convert.write_torch_file(convert.to_torch(variables), path)
+    return str(path), variables
+
+
+def test_init_from_a_pytorch_checkpoint_reinitialises_the_head(xs_pytorch_file, digits_data_dir):
+    path, torch_variables = xs_pytorch_file
+    config = tiny_config(digits_data_dir, init_from=path)
+    config.model.depths, config.model.widths = (), ()
+    config.model.variant = "XS"
+    train.check_config(config)
+    info = train.model_info(config, 10)
+    model = train.build_model(config, info)
+    fresh = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3))))
+    fresh = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), fresh)
+    source_info, pretrained = checkpoint.load_variables(path)
+    assert (source_info.variant, source_info.num_classes, source_info.distillation) == ("XS", 1000, True)
+    merged, notes = checkpoint.merge_pretrained(fresh, pretrained)
+    assert any("head/kernel re-initialised" in n for n in notes) and any("dist_head" in n for n in notes)
+    np.testing.assert_array_equal(merged["params"]["head"]["kernel"], np.zeros((220, 10)))
+    np.testing.assert_allclose(merged["params"]["network_0"]["block_0"]["pwconv1"]["kernel"],
+                               torch_variables["params"]["network_0"]["block_0"]["pwconv1"]["kernel"])
+    np.testing.assert_allclose(merged["batch_stats"]["norm"]["var"], torch_variables["batch_stats"]["norm"]["var"])
+
+
+def test_teacher_loads_from_our_workdir_and_refuses_other_classes(uninterrupted, xs_pytorch_file, digits_data_dir):
+    workdir, state = uninterrupted
+    config = tiny_config(digits_data_dir, distillation__kind="hard", distillation__teacher=workdir)
+    teacher, variables = train.load_teacher(config, 10)
+    assert teacher.depths == (1, 1, 1, 1) and teacher.num_classes == 10
+    np.testing.assert_array_equal(variables["params"]["head"]["kernel"], state.params["head"]["kernel"])
+    config.distillation.teacher = xs_pytorch_file[0]
+    with pytest.raises(train.ConfigError, match="predicts 1000 classes but digits has 10"):
+        train.load_teacher(config, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad configs fail before training starts
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["xs", "s", "l1", "l3"])
+def test_official_configs_demand_a_teacher_or_kind_none(variant, tmp_path):
+    from importlib import import_module
+
+    config = import_module(f"configs.{variant}").get_config()
+    with pytest.raises(train.ConfigError, match=r"needs a teacher.*RegNetY-160.*kind=none"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not os.listdir(tmp_path)  # nothing was written
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(dataset="imagenet2012"), FileNotFoundError, "imagenet2012 is not prepared"),
+        (dict(dataset="no_such_dataset"), ValueError, "unknown dataset 'no_such_dataset'"),
+        (dict(distillation__kind="hard", distillation__teacher="/no/such/teacher"), train.ConfigError, "does not exist"),
+        (dict(init_from="/no/such/checkpoint"), train.ConfigError, "init_from.*does not exist"),
+        (dict(dtype="float16"), train.ConfigError, "config.dtype must be one of"),
+        (dict(bn_group_size=6), train.ConfigError, "ghost batch-norm groups of config.bn_group_size=6"),
+        (dict(mixup__mixup_alpha=0.8, mixup__group_size=6), train.ConfigError, "even divisor of config.batch_size=16"),
+        (dict(model__depths=(1, 1, 1)), train.ConfigError, "4 positive ints"),
+        (dict(warmup_steps=100), train.ConfigError, "warm-up .* longer than the run"),
+        (dict(clip_mode="adaptive"), train.ConfigError, "config.clip_mode must be one of"),
+    ],
+)
+def test_bad_configs_fail_clearly_before_training(overrides, error, message, tmp_path, digits_data_dir):
+    data_dir = str(tmp_path / "empty_tfds") if overrides.get("dataset") == "imagenet2012" else digits_data_dir
+    config = tiny_config(data_dir, **overrides)
+    workdir = tmp_path / "work"
+    start = time.time()
+    with pytest.raises(error, match=message):
+        train.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()  # failed before writing anything
+    assert time.time() - start < 30  # and before compiling anything
+
+
+def test_unknown_config_key_on_the_command_line_fails_clearly(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, "configs/quickstart.py"),
+         f"--workdir={tmp_path}", "--config.model.variantt=S"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert '--config.model.variantt: the config has no such key (did you mean "variant"?)' in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_variant_configs_override_only_what_differs():
+    from configs import default, l1, l3, quickstart, s, xs
+
+    base = default.get_config()
+    assert base.model.variant == "S" and base.batch_size == 2048 and base.learning_rate == 2e-3
+    assert base.weight_decay == 0.025 and base.ema_decay == 0.99996 and base.clip_mode == "agc"
+    assert base.distillation.kind == "hard" and base.distillation.alpha == 0.5 and base.bn_group_size == 128
+    assert base.model.drop_path_rate == 0.0  # the official main.py never sets it
+    # The shared recipe is complete: every key maps onto AugmentConfig, nothing is missing.
+    assert train.augment_config(base) == train.augment_lib.AugmentConfig()
+
+    def diff(config):
+        flat = lambda c, p="": {k2: v2 for k, v in c.items() for k2, v2 in (flat(v, p + k + ".").items() if hasattr(v, "items") else {p + k: v}.items())}  # noqa: E731
+        a, b = flat(base), flat(config)
+        return {k for k in a if a[k] != b[k]}
+
+    assert diff(xs.get_config()) == {"model.variant", "augment.rand_augment", "augment.color_jitter",
+                                     "mixup.mixup_alpha", "mixup.cutmix_alpha"}
+    assert diff(s.get_config()) == {"mixup.mixup_alpha", "mixup.cutmix_alpha"}
+    assert diff(l1.get_config()) == {"model.variant"} and diff(l3.get_config()) == {"model.variant"}
+    assert xs.get_config().augment.color_jitter == 0.4
+    for module in (xs, s, l1, l3, quickstart):
+        assert "python main.py --config=configs/" in module.__doc__
+    with pytest.raises(AttributeError):
+        base.no_such_key = 1  # locked: new keys are refused
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (the pod path): 2 processes x 2 CPU devices on this machine
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_processes_train_evaluate_and_checkpoint(tmp_path, digits_data_dir):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path / "work"
+    args = [
+        sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, "configs/quickstart.py"),
+        f"--workdir={workdir}", f"--config.data_dir={digits_data_dir}", "--config.model.depths=(1,1,1,1)",
+        "--config.model.widths=(8,16,16,24)", "--config.total_steps=4", "--config.warmup_steps=1",
+        "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
+        "--config.batch_size=16", "--config.eval_batch_size=64", f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+    ]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    logs = [open(tmp_path / f"p{i}.log", "w") for i in range(2)]
+    procs = [subprocess.Popen(args + [f"--process_id={i}"], stdout=logs[i], stderr=subprocess.STDOUT, env=env)
+             for i in range(2)]
+    try:
+        codes = [p.wait(timeout=900) for p in procs]
+    finally:
+        for p, log in zip(procs, logs):
+            if p.poll() is None:
+                p.kill()
+            log.close()
+    outputs = [open(tmp_path / f"p{i}.log").read() for i in range(2)]
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert all("over 4 devices, 2 process(es)" in out for out in outputs)
+    records = metrics.read_metrics(str(workdir))  # written by process 0 only: one line per step
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["eval/num_examples"] == 300 for r in records if r["step"] in (2, 4))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    _, variables = checkpoint.load_variables(str(workdir))
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(variables))
