@@ -1,0 +1,689 @@
+"""SwiftFormer speed, JAX against PyTorch, measured side by side in one run.
+
+Run:  python experiments/benchmark.py [--variants S] [--configs all] [--tag cpu]
+Tiny: python experiments/benchmark.py --image-size 64 --batch 2 --train-batch 2 --reps 2 \
+          --configs jax-f32,torch-eager-f32 --skip-peaks --tag smoke --output-dir /tmp/out
+
+What is measured, per variant and per configuration (framework x dtype x execution mode):
+- inference latency at batch 1 (ms per call), inference throughput at `--batch` (images/s);
+- training throughput at `--train-batch` (images/s): forward, label-smoothed cross-entropy on both
+  heads, backward, AdamW step (lr 1e-3, weight decay 0.025 on every tensor, both frameworks);
+- peak memory: the peak rise of the process RSS during one call, sampled every millisecond by a
+  thread (the same yardstick for both frameworks: CPU JAX has no allocator statistics); for JAX
+  also XLA's compiled memory analysis (temp + output + argument bytes: deterministic);
+- for JAX, XLA's cost analysis of the compiled programs (FLOPs and bytes accessed per image), next
+  to the paper's GMACs, and each configuration's throughput as a fraction of the machine's measured
+  peaks (a large float32 matmul for FLOP/s, a large array copy for bandwidth; see `machine_peaks`).
+  The PyTorch runs do the same arithmetic, so the same per-image figures are used for them.
+
+How: every configuration is built and warmed up first; then the timed calls go round-robin over
+the configurations (one call each per round), so load from other processes on a shared machine
+falls on all of them alike. Reported: median, min and max per configuration, and the load average
+before and after each task.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# libgomp's default busy-wait makes multi-threaded PyTorch collapse on a machine shared with other
+# processes (measured here, load ~8 on 2 cores: SwiftFormer-S batch-1 eager 1.4-9 s spinning vs
+# 0.05-0.18 s passive). Must be set before torch loads libgomp; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# XLA:CPU's YNNPACK fusions (on by default in jax 0.10) were measured to be a performance cliff here:
+# one fused subgraph of the efficient additive attention took 1.1 s at 65,536 tokens (0.18 s
+# without), SwiftFormer-S batch-32 inference 2.6 s vs 1.0 s (PERF_NOTES.md). They are turned off
+# before jax initialises its backend (when run as a script) unless --keep-ynn-fusion is given;
+# XLA_FLAGS is recorded with the results.
+if __name__ == "__main__" and "--keep-ynn-fusion" not in sys.argv and "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
+
+import argparse
+import copy
+import dataclasses
+import json
+import pathlib
+import platform
+import statistics
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from swiftformer_jax import create_model, losses  # noqa: E402
+from swiftformer_jax.model import VARIANTS  # noqa: E402
+
+CONFIGS = (
+    "jax-f32", "jax-bf16",
+    "torch-eager-f32", "torch-eager-bf16", "torch-compile-f32", "torch-compile-bf16",
+)
+TASKS = ("latency", "inference", "train")
+LABEL_SMOOTHING = 0.1
+LR, WEIGHT_DECAY = 1e-3, 0.025
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", default="S", help=f"comma list of {', '.join(VARIANTS)} or 'all' (default S: a 2-core CPU)")
+    p.add_argument("--configs", default="all", help=f"comma list of {', '.join(CONFIGS)} or 'all'")
+    p.add_argument("--tasks", default="all", help=f"comma list of {', '.join(TASKS)} or 'all'")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=32, help="inference throughput batch")
+    p.add_argument("--train-batch", type=int, default=32)
+    p.add_argument("--reps", type=int, default=0, help="timed rounds per task (0: per-task defaults 30/10/6)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per configuration after compiling")
+    p.add_argument("--torch-memory-format", default="auto", choices=("auto", "channels_last", "contiguous"),
+                   help="auto: time both in warm-up and keep the faster, per configuration")
+    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: all usable cores)")
+    p.add_argument("--prototype", action="store_true",
+                   help="also run 'jax-f32-proto' / 'jax-bf16-proto': the JAX model with the candidate "
+                        "op changes of experiments/fast_ops.py monkeypatched in")
+    p.add_argument("--skip-peaks", action="store_true", help="skip measuring the machine's FLOP/s and bandwidth")
+    p.add_argument("--keep-ynn-fusion", action="store_true",
+                   help="keep XLA:CPU's YNNPACK fusions (default: off, see the note at the top of the file)")
+    p.add_argument("--output-dir", default=str(HERE / "results"))
+    p.add_argument("--tag", default="cpu", help="results go to benchmark_<tag>.{json,md,png}")
+    args = p.parse_args(argv)
+    args.variants = _choose(args.variants, tuple(VARIANTS), "variant", upper=True)
+    args.configs = _choose(args.configs, CONFIGS, "config")
+    args.tasks = _choose(args.tasks, TASKS, "task")
+    if args.prototype:
+        args.configs = args.configs + tuple(f"{c}-proto" for c in args.configs if c.startswith("jax-"))
+    for name in ("image_size", "batch", "train_batch"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.reps < 0 or args.warmup < 0:
+        raise SystemExit("--reps and --warmup must be >= 0")
+    return args
+
+
+def _choose(text: str, valid: tuple[str, ...], what: str, upper: bool = False) -> tuple[str, ...]:
+    """Parse a comma list against `valid` ('all' for every one); exit with the valid names if not."""
+    if text.strip().lower() == "all":
+        return valid
+    chosen = tuple(t.strip().upper() if upper else t.strip().lower() for t in text.split(",") if t.strip())
+    bad = [c for c in chosen if c not in valid]
+    if bad or not chosen:
+        raise SystemExit(f"unknown {what}(s) {bad or text!r}; valid: {', '.join(valid)} or 'all'")
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------
+# The machine
+# ------------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    """CPU model, cores, memory and library versions: what a reader needs to compare numbers."""
+    import torch
+    import flax
+    import transformers
+
+    cpu = "unknown"
+    flags: list[str] = []
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx512", "avx2", "fma", "amx"))]
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu, "simd_flags": flags, "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)), "memory_gib": round(mem_gib, 1),
+        "platform": platform.platform(), "python": platform.python_version(),
+        "jax": jax.__version__, "jax_backend": jax.default_backend(), "flax": flax.__version__,
+        "optax": optax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__, "numpy": np.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+    }
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine_peaks(reps: int = 7) -> dict:
+    """Measured peak float32 FLOP/s (matmul) and memory bandwidth (array copy) of this machine.
+
+    FLOP/s: a 4096 x 4096 float32 matmul (2 * n**3 FLOPs), through jax.jit and through torch, best
+    of the two medians (both use every core). Bandwidth: copying a 512 MiB float32 array into an
+    existing one (counted as 2 x 512 MiB moved: one read, one write) with torch's multithreaded
+    `copy_` and numpy's `copyto`, best of the two medians. Both are medians, so they are what the
+    machine gives under its current load, like the model timings.
+    """
+    import torch
+
+    n = 4096
+    a = jnp.asarray(np.random.RandomState(0).standard_normal((n, n)).astype(np.float32))
+    mm = jax.jit(lambda x: x @ x)
+    ta = torch.from_numpy(np.asarray(a))
+    flops = 2.0 * n**3
+    jax_s = _median_time(lambda: mm(a).block_until_ready(), reps)
+    torch_s = _median_time(lambda: torch.mm(ta, ta), reps)
+
+    count = 512 * 2**20 // 4
+    src = np.random.RandomState(1).standard_normal(count).astype(np.float32)
+    dst = np.empty_like(src)
+    tsrc, tdst = torch.from_numpy(src), torch.from_numpy(dst)
+    moved = 2.0 * src.nbytes
+    np_s = _median_time(lambda: np.copyto(dst, src), reps)
+    torch_copy_s = _median_time(lambda: tdst.copy_(tsrc), reps)
+    return {
+        "matmul_gflops": {"jax": flops / jax_s / 1e9, "torch": flops / torch_s / 1e9},
+        "peak_gflops": flops / min(jax_s, torch_s) / 1e9,
+        "copy_gbs": {"numpy": moved / np_s / 1e9, "torch": moved / torch_copy_s / 1e9},
+        "peak_gbs": moved / min(np_s, torch_copy_s) / 1e9,
+        "how": "float32 4096^3 matmul (2n^3 FLOPs), 512 MiB copy counted as read+write; best of jax/torch medians",
+    }
+
+
+def _median_time(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory: peak RSS rise during a call
+# ------------------------------------------------------------------------------------------------
+
+
+class RssPeak:
+    """Peak rise of this process's resident set during a `with` block, sampled every `interval` s.
+
+    Reads /proc/self/statm from a thread; both XLA and PyTorch release the GIL while computing, so
+    the sampler keeps running. A lower bound (a spike shorter than the interval can be missed).
+    """
+
+    def __init__(self, interval: float = 0.001):
+        self.interval = interval
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak_bytes = 0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._rss())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._start = self._rss()
+        self._peak = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._rss())
+        self.peak_bytes = self._peak - self._start
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# JAX side
+# ------------------------------------------------------------------------------------------------
+
+
+def _images(batch: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).standard_normal((batch, size, size, 3)).astype(np.float32)
+
+
+def _labels(batch: int, num_classes: int = 1000) -> np.ndarray:
+    return (np.arange(batch) * 7919 % num_classes).astype(np.int64)
+
+
+def _cost(compiled) -> dict:
+    """FLOPs and bytes accessed from XLA's cost analysis of a compiled program."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    return {"flops": float(cost.get("flops", float("nan"))),
+            "bytes_accessed": float(cost.get("bytes accessed", float("nan")))}
+
+
+def _xla_memory(compiled) -> dict:
+    """XLA's compiled memory analysis (bytes): temporaries, outputs, arguments."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return {}
+    return {"temp": int(mem.temp_size_in_bytes), "output": int(mem.output_size_in_bytes),
+            "argument": int(mem.argument_size_in_bytes)}
+
+
+class JaxCase:
+    """The JAX model for one variant and compute dtype; builds the timed callables per task."""
+
+    framework = "jax"
+
+    def __init__(self, name: str, variant: str, dtype: str, image_size: int, prototype: bool):
+        self.name, self.variant, self.dtype, self.image_size = name, variant, dtype, image_size
+        self.prototype = prototype
+        self.model = create_model(variant, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+        with self._patched():
+            init = jax.jit(lambda key, x: self.model.init({"params": key}, x, train=False))
+            self.variables = init(jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)))
+        self.analysis: dict = {}
+        self.memory_format = "NHWC"
+
+    def _patched(self):
+        if not self.prototype:
+            import contextlib
+            return contextlib.nullcontext()
+        import fast_ops
+        return fast_ops.patched()
+
+    def make(self, task: str, batch: int) -> Callable[[], None]:
+        with self._patched():
+            return self._make_train(batch) if task == "train" else self._make_infer(task, batch)
+
+    def _make_infer(self, task: str, batch: int) -> Callable[[], None]:
+        images = jnp.asarray(_images(batch, self.image_size))
+        fn = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
+        compiled = fn.lower(self.variables, images).compile()
+        self.analysis[task] = {"batch": batch, **_cost(compiled), "xla_memory": _xla_memory(compiled)}
+        variables = self.variables
+        return lambda: compiled(variables, images).block_until_ready()
+
+    def _make_train(self, batch: int) -> Callable[[], None]:
+        model = self.model
+        tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
+        images = jnp.asarray(_images(batch, self.image_size))
+        targets = losses.one_hot_smoothed(jnp.asarray(_labels(batch)), 1000, LABEL_SMOOTHING)
+
+        def loss_fn(params, batch_stats, x, y):
+            (cls_logits, dist_logits), state = model.apply(
+                {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+            loss = 0.5 * (losses.cross_entropy(cls_logits, y) + losses.cross_entropy(dist_logits, y))
+            return loss, state["batch_stats"]
+
+        def step(params, batch_stats, opt_state, x, y):
+            (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, y)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+        state = [jax.tree.map(jnp.copy, self.variables["params"]),
+                 jax.tree.map(jnp.copy, self.variables["batch_stats"])]
+        state.append(tx.init(state[0]))
+        compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, images, targets).compile()
+        self.analysis["train"] = {"batch": batch, **_cost(compiled), "xla_memory": _xla_memory(compiled)}
+
+        def run() -> None:
+            params, batch_stats, opt_state, loss = compiled(*state, images, targets)
+            state[:] = [params, batch_stats, opt_state]
+            loss.block_until_ready()
+
+        return run
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch side
+# ------------------------------------------------------------------------------------------------
+
+
+class TorchCase:
+    """HF SwiftFormer (version-2 attention) eager or under torch.compile, float32 or bf16 autocast."""
+
+    framework = "torch"
+
+    def __init__(self, name: str, variant: str, dtype: str, compiled: bool, image_size: int, memory_format: str):
+        import torch
+        import torch_reference_model as trm
+
+        self.torch, self.trm = torch, trm
+        self.name, self.variant, self.dtype, self.compiled = name, variant, dtype, compiled
+        self.image_size, self.requested_format = image_size, memory_format
+        self.model = trm.build(variant)
+        self.analysis: dict = {}
+        self.memory_format = None  # decided on the first task
+
+    def _format(self, fmt: str):
+        return self.torch.channels_last if fmt == "channels_last" else self.torch.contiguous_format
+
+    def _inputs(self, batch: int, fmt: str):
+        x = self.torch.from_numpy(_images(batch, self.image_size)).permute(0, 3, 1, 2)
+        return x.contiguous(memory_format=self._format(fmt))
+
+    def _infer_fn(self, batch: int, fmt: str) -> Callable[[], None]:
+        torch = self.torch
+        model = copy.deepcopy(self.model).to(memory_format=self._format(fmt)).eval()
+        forward = torch.compile(model, dynamic=False) if self.compiled else model
+        x = self._inputs(batch, fmt)
+
+        def run() -> None:
+            with torch.inference_mode(), self.trm.autocast(self.dtype):
+                forward(x)
+
+        return run
+
+    def _choose_format(self, batch: int) -> str:
+        """channels_last or contiguous: the one with the faster warm inference call (eager runs;
+        compiled ones take their eager sibling's choice, see `_share_memory_format`)."""
+        if self.requested_format != "auto":
+            return self.requested_format
+        best, best_time = None, float("inf")
+        for fmt in ("contiguous", "channels_last"):
+            fn = self._infer_fn(batch, fmt)
+            seconds = _median_time(fn, 3)
+            self.analysis.setdefault("format_probe_ms", {})[fmt] = 1e3 * seconds
+            if seconds < best_time:
+                best, best_time = fmt, seconds
+        return best
+
+    def _decide_format(self, batch: int) -> str:
+        if not self.compiled:
+            return self._choose_format(batch)
+        if self.requested_format != "auto":
+            return self.requested_format
+        sibling = getattr(self, "sibling", None)
+        if sibling is not None and sibling.memory_format is not None:
+            return sibling.memory_format
+        return "channels_last"
+
+    def make(self, task: str, batch: int) -> Callable[[], None]:
+        if self.memory_format is None:
+            self.memory_format = self._decide_format(batch)
+        if task != "train":
+            return self._infer_fn(batch, self.memory_format)
+        torch = self.torch
+        model = copy.deepcopy(self.model).to(memory_format=self._format(self.memory_format)).train()
+        forward = torch.compile(model, dynamic=False) if self.compiled else model
+        step = self.trm.make_train_step(model, forward, self.dtype, lr=LR, weight_decay=WEIGHT_DECAY)
+        x = self._inputs(batch, self.memory_format)
+        labels = torch.from_numpy(_labels(batch))
+        return lambda: step(x, labels)
+
+
+def make_case(name: str, variant: str, args) -> JaxCase | TorchCase:
+    dtype = "bfloat16" if "bf16" in name else "float32"
+    if name.startswith("jax-"):
+        return JaxCase(name, variant, dtype, args.image_size, prototype=name.endswith("-proto"))
+    return TorchCase(name, variant, dtype, "compile" in name, args.image_size, args.torch_memory_format)
+
+
+# ------------------------------------------------------------------------------------------------
+# Interleaved timing
+# ------------------------------------------------------------------------------------------------
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int) -> dict[str, dict]:
+    """Warm every callable, then time `reps` rounds, each calling every callable once in turn.
+
+    The order within a round rotates, so no configuration always runs right after the same other.
+    Also records the peak RSS rise of one extra call per configuration.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name in names:
+        with RssPeak() as rss:
+            fns[name]()
+        ts = times[name]
+        out[name] = {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
+                     "reps": len(ts), "rss_peak_rise_mib": rss.peak_bytes / 2**20}
+    return out
+
+
+DEFAULT_REPS = {"latency": 30, "inference": 10, "train": 6}
+
+
+def run_benchmark(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.torch_threads or len(os.sched_getaffinity(0)))
+    results = {"machine": machine_info(), "settings": _settings(args), "load_average_start": load_average()}
+    if not args.skip_peaks:
+        results["peaks"] = machine_peaks()
+        _log(f"machine peaks: {results['peaks']['peak_gflops']:.0f} GFLOP/s, {results['peaks']['peak_gbs']:.1f} GB/s")
+    results["variants"] = {}
+    for variant in args.variants:
+        cases = {}
+        for name in args.configs:
+            _log(f"{variant}: building {name}")
+            cases[name] = make_case(name, variant, args)
+        _share_memory_format(cases)
+        tasks = {}
+        for task in args.tasks:
+            batch = {"latency": 1, "inference": args.batch, "train": args.train_batch}[task]
+            fns = {}
+            for name, case in cases.items():
+                _log(f"{variant}/{task}: preparing {name} (batch {batch})")
+                t0 = time.perf_counter()
+                fns[name] = case.make(task, batch)
+                fns[name]()  # first call: compilation for torch.compile, any lazy setup
+                _log(f"  ready in {time.perf_counter() - t0:.1f} s")
+            load_before = load_average()
+            timed = time_interleaved(fns, args.reps or DEFAULT_REPS[task], args.warmup)
+            for stats in timed.values():
+                stats["images_per_s"] = batch / stats["median_s"]
+                stats["images_per_s_min"] = batch / stats["max_s"]
+                stats["images_per_s_max"] = batch / stats["min_s"]
+            tasks[task] = {"batch": batch, "load_average_before": load_before,
+                           "load_average_after": load_average(), "results": timed}
+            _log(f"{variant}/{task}: " + ", ".join(
+                f"{n} {1e3 * s['median_s']:.1f} ms" for n, s in timed.items()))
+            del fns
+        results["variants"][variant] = {
+            "tasks": tasks,
+            "analysis": {n: c.analysis for n, c in cases.items() if c.analysis},
+            "memory_format": {n: c.memory_format for n, c in cases.items()},
+        }
+    results["load_average_end"] = load_average()
+    results["paper"] = _paper()
+    return results
+
+
+def _share_memory_format(cases: dict) -> None:
+    """Point each compiled torch configuration at its eager sibling (same dtype), whose warm-up
+    probe picks the memory format both then use; without a sibling, compiled runs use channels_last."""
+    for name, case in cases.items():
+        if isinstance(case, TorchCase) and case.compiled:
+            sibling = cases.get(name.replace("compile", "eager"))
+            case.sibling = sibling if isinstance(sibling, TorchCase) else None
+
+
+def _paper() -> dict:
+    from model_table import PAPER
+    return PAPER
+
+
+def _settings(args) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Derived figures, table, plot
+# ------------------------------------------------------------------------------------------------
+
+
+def derive(results: dict) -> None:
+    """Per configuration: speed relative to torch eager float32, and fractions of machine peaks.
+
+    FLOPs and bytes per image come from XLA's cost analysis of the float32 JAX programs (same
+    arithmetic for every configuration); the bf16 ones are listed separately in the analysis.
+    """
+    peaks = results.get("peaks")
+    for variant, vres in results["variants"].items():
+        f32 = vres["analysis"].get("jax-f32", {})
+        for task, tres in vres["tasks"].items():
+            ref = tres["results"].get("torch-eager-f32")
+            cost = f32.get(task if task != "latency" else "latency")
+            for name, stats in tres["results"].items():
+                if ref:
+                    stats["speedup_vs_torch_eager_f32"] = ref["median_s"] / stats["median_s"]
+                if cost and peaks:
+                    per_image_flops = cost["flops"] / cost["batch"]
+                    per_image_bytes = cost["bytes_accessed"] / cost["batch"]
+                    stats["achieved_gflops"] = per_image_flops * stats["images_per_s"] / 1e9
+                    stats["fraction_of_peak_flops"] = stats["achieved_gflops"] / peaks["peak_gflops"]
+                    stats["achieved_gbs"] = per_image_bytes * stats["images_per_s"] / 1e9
+                    stats["fraction_of_peak_bandwidth"] = stats["achieved_gbs"] / peaks["peak_gbs"]
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        "# SwiftFormer benchmark: JAX vs PyTorch (measured side by side, interleaved)",
+        "",
+        f"Machine: {m['cpu']}, {m['usable_cores']} usable cores ({m['logical_cores']} logical), "
+        f"{m['memory_gib']} GiB; {m['platform']}.",
+        f"Versions: jax {m['jax']} ({m['jax_backend']}), flax {m['flax']}, optax {m['optax']}, "
+        f"torch {m['torch']} ({m['torch_threads']} threads, OMP_WAIT_POLICY={m.get('omp_wait_policy')}), transformers {m['transformers']}, numpy {m['numpy']}.",
+        f"Load average (1/5/15 min) at start {results['load_average_start']}, at end {results['load_average_end']} "
+        "(the machine was shared; timings alternate the configurations so the load falls on all of them).",
+        f"Image size {results['settings']['image_size']}; timings are median [min - max] over "
+        "the interleaved rounds.",
+    ]
+    if "peaks" in results:
+        p = results["peaks"]
+        lines += [f"Measured machine peaks: {p['peak_gflops']:.0f} GFLOP/s float32 (matmul: jax "
+                  f"{p['matmul_gflops']['jax']:.0f}, torch {p['matmul_gflops']['torch']:.0f}), "
+                  f"{p['peak_gbs']:.1f} GB/s copy bandwidth (numpy {p['copy_gbs']['numpy']:.1f}, "
+                  f"torch {p['copy_gbs']['torch']:.1f}); {p['how']}."]
+    for variant, vres in results["variants"].items():
+        lines += ["", f"## SwiftFormer-{variant}", ""]
+        header = "| config | memory format |"
+        sep = "|---|---|"
+        for task, tres in vres["tasks"].items():
+            unit = "ms" if task == "latency" else "img/s"
+            header += f" {task} (batch {tres['batch']}, {unit}) | x torch eager f32 | peak RSS rise MiB |"
+            sep += "---|---|---|"
+        lines += [header, sep]
+        names = next(iter(vres["tasks"].values()))["results"].keys() if vres["tasks"] else []
+        for name in names:
+            row = f"| {name} | {vres['memory_format'].get(name)} |"
+            for task, tres in vres["tasks"].items():
+                s = tres["results"][name]
+                if task == "latency":
+                    row += f" {1e3 * s['median_s']:.1f} [{1e3 * s['min_s']:.1f} - {1e3 * s['max_s']:.1f}] |"
+                else:
+                    row += f" {s['images_per_s']:.1f} [{s['images_per_s_min']:.1f} - {s['images_per_s_max']:.1f}] |"
+                row += f" {s.get('speedup_vs_torch_eager_f32', float('nan')):.2f} | {s['rss_peak_rise_mib']:.0f} |"
+            lines.append(row)
+        lines += ["", "Load average before/after each task: " + "; ".join(
+            f"{t} {r['load_average_before']} / {r['load_average_after']}" for t, r in vres["tasks"].items())]
+        lines += _analysis_lines(variant, vres, results)
+    lines += ["", "Peak RSS rise: the largest increase of the process's resident memory during one call, "
+              "sampled every 1 ms (a lower bound; memory already held from earlier calls is not counted). "
+              "XLA memory: temp + output bytes of the compiled program (deterministic)."]
+    return "\n".join(lines) + "\n"
+
+
+def _analysis_lines(variant: str, vres: dict, results: dict) -> list[str]:
+    out = []
+    paper = results.get("paper", {}).get(variant, {})
+    f32 = vres["analysis"].get("jax-f32", {})
+    if f32:
+        out += ["", f"XLA cost analysis (jax-f32; paper: {paper.get('gmacs', '?')} GMACs per image = "
+                f"{2 * paper.get('gmacs', float('nan')):.1f} GFLOP):", "",
+                "| program | batch | GFLOP per image | GB accessed per image | XLA temp+output MiB |",
+                "|---|---|---|---|---|"]
+        for task, a in f32.items():
+            if not isinstance(a, dict) or "flops" not in a:
+                continue
+            mem = a.get("xla_memory", {})
+            out.append(f"| {task} | {a['batch']} | {a['flops'] / a['batch'] / 1e9:.2f} | "
+                       f"{a['bytes_accessed'] / a['batch'] / 1e9:.3f} | "
+                       f"{(mem.get('temp', 0) + mem.get('output', 0)) / 2**20:.0f} |")
+    if "peaks" in results:
+        out += ["", "Fraction of machine peaks (FLOP/s and bandwidth implied by the XLA float32 counts):", "",
+                "| config | task | GFLOP/s | of peak FLOP/s | GB/s | of peak bandwidth |", "|---|---|---|---|---|---|"]
+        for task, tres in vres["tasks"].items():
+            for name, s in tres["results"].items():
+                if "achieved_gflops" in s:
+                    out.append(f"| {name} | {task} | {s['achieved_gflops']:.1f} | {100 * s['fraction_of_peak_flops']:.1f}% | "
+                               f"{s['achieved_gbs']:.1f} | {100 * s['fraction_of_peak_bandwidth']:.1f}% |")
+    return out
+
+
+def plot(results: dict, path: pathlib.Path) -> None:
+    """Bar chart of inference and training throughput per variant and configuration (min-max bars)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in ("inference", "train") if any(t in v["tasks"] for v in results["variants"].values())]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        variants = [v for v, r in results["variants"].items() if task in r["tasks"]]
+        names = list(results["variants"][variants[0]]["tasks"][task]["results"])
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            stats = [results["variants"][v]["tasks"][task]["results"][name] for v in variants]
+            med = [s["images_per_s"] for s in stats]
+            err = [[m - s["images_per_s_min"] for m, s in zip(med, stats)],
+                   [s["images_per_s_max"] - m for m, s in zip(med, stats)]]
+            ax.bar(np.arange(len(variants)) + i * width, med, width, yerr=err, capsize=3, label=name)
+        ax.set_xticks(np.arange(len(variants)) + 0.4 - width / 2)
+        ax.set_xticklabels([f"SwiftFormer-{v}" for v in variants])
+        batch = results["variants"][variants[0]]["tasks"][task]["batch"]
+        ax.set_ylabel("images / s")
+        ax.set_title(f"{task} throughput, batch {batch}")
+        ax.legend(fontsize=7)
+    m = results["machine"]
+    fig.suptitle(f"{m['cpu']}, {m['usable_cores']} cores; load {results['load_average_start']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out_dir = pathlib.Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = run_benchmark(args)
+    derive(results)
+    stem = out_dir / f"benchmark_{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float))
+    stem.with_suffix(".md").write_text(markdown(results))
+    plot(results, stem.with_suffix(".png"))
+    _log(f"wrote {stem}.json, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
