@@ -2,7 +2,8 @@
 
   python main.py --config=configs/quickstart.py --workdir=/tmp/swiftformer-quickstart
 
-Expected: eval accuracy >= 0.9 (measured: ~0.97 after 40 epochs, about 6 minutes on 2 CPU cores).
+Expected: eval accuracy >= 0.9. Measured on 2 CPU cores shared with other jobs (jax 0.10.2): eval
+accuracy 0.983 after 10 epochs (230 steps) in 2 min 28 s wall, about a minute of it XLA compiling.
 The digits (1,497 train / 300 test images, 32x32, 10 classes) ship with scikit-learn; the first
 run writes them as a TFDS data set into TFDS's data dir (~/tensorflow_datasets, or
 $TFDS_DATA_DIR, or --config.data_dir=DIR). Same trainer, pipeline and recipe as ImageNet, scaled
