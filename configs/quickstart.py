@@ -2,8 +2,9 @@
 
   python main.py --config=configs/quickstart.py --workdir=/tmp/swiftformer-quickstart
 
-Expected: eval accuracy >= 0.9. Measured on 2 CPU cores shared with other jobs (jax 0.10.2): eval
-accuracy 0.983 after 10 epochs (230 steps) in 2 min 28 s wall, about a minute of it XLA compiling.
+Expected: eval accuracy >= 0.9. Measured on 2 CPU cores (jax 0.10.2): eval accuracy 0.983 (EMA
+0.983) after 10 epochs (230 steps), 0.973 at epoch 5; 1 min 47 s wall on an idle machine, 2 min 12 s
+to 2 min 28 s beside other jobs. About 45 s of it is XLA compiling the init, train and eval steps.
 The digits (1,497 train / 300 test images, 32x32, 10 classes) ship with scikit-learn; the first
 run writes them as a TFDS data set into TFDS's data dir (~/tensorflow_datasets, or
 $TFDS_DATA_DIR, or --config.data_dir=DIR). Same trainer, pipeline and recipe as ImageNet, scaled
@@ -35,7 +36,7 @@ def get_config():
     config.bn_group_size = 0
 
     config.batch_size = 64
-    config.eval_batch_size = 300
+    config.eval_batch_size = 320  # one padded batch; divisible by 1, 2, 4, 8, 16, 32, 64 devices
     config.num_epochs = 10.0
     config.warmup_epochs = 1.0
     config.learning_rate = 2e-3

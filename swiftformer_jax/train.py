@@ -3,7 +3,7 @@
 Reads top to bottom:
   1. Config checks and durations: everything that can be wrong with a config fails here, before
      any data is read or any model is compiled.
-  2. Model, teacher and optimizer.
+  2. Model, teacher and optimizer, gathered by `setup(config)`.
   3. TrainState, created directly in its sharding.
   4. The train and eval steps: pure functions, jitted with shardings; the state is donated.
   5. Where the state comes from: the workdir's latest checkpoint, else `config.init_from`, else
@@ -25,7 +25,6 @@ import collections
 import dataclasses
 import datetime
 import itertools
-import json
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -46,6 +45,7 @@ from swiftformer_jax.model import VARIANTS, SwiftFormer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CLIP_MODES = ("agc", "norm", "value", "none")
+BEST_METRICS = ("eval/accuracy", "eval/ema_accuracy", "")  # higher is better
 
 
 class ConfigError(ValueError):
@@ -110,6 +110,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 "repeated_aug", "shuffle_window"):
         if config[key] < 1:
             fail(f"config.{key} must be >= 1, got {config[key]}")
+    if config.best_metric not in BEST_METRICS:
+        fail(f"config.best_metric must be one of {BEST_METRICS} ('' keeps no best checkpoint), "
+             f"got {config.best_metric!r}")
     if config.lr_lag_one_epoch and not config.lr_per_epoch:
         fail("config.lr_lag_one_epoch reproduces per-epoch lr stepping: it needs config.lr_per_epoch=True")
     if config.augment.rand_augment and config.augment.color_jitter > 0:
@@ -249,6 +252,39 @@ def build_optimizer(config: ml_collections.ConfigDict, steps: Durations, abstrac
         clip_mode=None if config.clip_mode == "none" else config.clip_mode, clip_grad=config.clip_grad,
     )
     return tx, schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything a run is made of, built and checked before any state exists."""
+
+    mesh: Any
+    data: input_pipeline.DatasetInfo
+    steps: Durations
+    info: checkpoint_lib.ModelInfo
+    model: SwiftFormer
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    teacher: SwiftFormer | None
+    teacher_variables: Any  # on the host; None without distillation
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+    """Check the config and build mesh, durations, model, teacher and optimizer.
+
+    Everything that can be wrong with a config fails here, with a message naming the key: the
+    config itself, the batch sizes against the devices, the data set, the teacher.
+    """
+    check_config(config)
+    mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
+    check_batch_sizes(config, mesh, jax.process_count())
+    data = input_pipeline.dataset_info(config.dataset, config.data_dir)
+    steps = durations(config, data.num_train_examples)
+    teacher, teacher_variables = load_teacher(config, data.num_classes)
+    info = model_info(config, data.num_classes)
+    model = build_model(config, info)
+    tx, schedule = build_optimizer(config, steps, abstract_params(model, config.image_size))
+    return Setup(mesh, data, steps, info, model, tx, schedule, teacher, teacher_variables)
 
 
 # ==============================================================================================
@@ -459,7 +495,7 @@ def evaluate(config, eval_step, state, sharding, num_examples: int,
 # ==============================================================================================
 
 
-def initial_state(config, run: "Setup", init_rng, checkpointer) -> tuple[TrainState, Any]:
+def initial_state(config, run: Setup, init_rng, checkpointer) -> tuple[TrainState, Any]:
     """(state, shardings): the workdir's latest checkpoint, else `config.init_from`, else fresh."""
     info = run.info
     latest = checkpointer.latest_step()
@@ -515,39 +551,6 @@ def initial_state(config, run: "Setup", init_rng, checkpointer) -> tuple[TrainSt
 
 def _format_duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    """Everything a run is made of, built and checked before any state exists."""
-
-    mesh: Any
-    data: input_pipeline.DatasetInfo
-    steps: Durations
-    info: checkpoint_lib.ModelInfo
-    model: SwiftFormer
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    teacher: SwiftFormer | None
-    teacher_variables: Any  # on the host; None without distillation
-
-
-def setup(config: ml_collections.ConfigDict) -> Setup:
-    """Check the config and build mesh, durations, model, teacher and optimizer.
-
-    Everything that can be wrong with a config fails here, with a message naming the key: the
-    config itself, the batch sizes against the devices, the data set, the teacher.
-    """
-    check_config(config)
-    mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
-    check_batch_sizes(config, mesh, jax.process_count())
-    data = input_pipeline.dataset_info(config.dataset, config.data_dir)
-    steps = durations(config, data.num_train_examples)
-    teacher, teacher_variables = load_teacher(config, data.num_classes)
-    info = model_info(config, data.num_classes)
-    model = build_model(config, info)
-    tx, schedule = build_optimizer(config, steps, abstract_params(model, config.image_size))
-    return Setup(mesh, data, steps, info, model, tx, schedule, teacher, teacher_variables)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -621,8 +624,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _loop(config, steps: Durations, state, batches, train_step, eval_step, rng,
           teacher_variables, batch_sharding, checkpointer, writer, watcher, info, start_step,
           stop_at_step, num_eval_examples) -> TrainState:
-    """Steps from `start_step` to the end (or a stop): metrics are fetched one step late, so the
-    host never waits for the device except at logging, evaluation and checkpoint steps."""
+    """Steps from `start_step` to the end (or a stop). Each step's metrics are read while the next
+    step runs, so the device never idles waiting for the host; every step is checked for a
+    non-finite loss, and the step about to be logged or saved is checked before it is."""
     pending: collections.deque = collections.deque()  # (step, device metrics) not yet read
     window = {"loss": 0.0, "grad_norm": 0.0, "count": 0, "learning_rate": float("nan")}
     interval_start, interval_steps = time.time(), 0

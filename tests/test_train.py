@@ -8,7 +8,6 @@ other runs (non-finite loss, SIGTERM in a subprocess, init_from) mostly reuse th
 from __future__ import annotations
 
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -378,6 +377,7 @@ def test_official_configs_demand_a_teacher_or_kind_none(variant, tmp_path):
         (dict(model__depths=(1, 1, 1)), train.ConfigError, "4 positive ints"),
         (dict(warmup_steps=100), train.ConfigError, "warm-up .* longer than the run"),
         (dict(clip_mode="adaptive"), train.ConfigError, "config.clip_mode must be one of"),
+        (dict(best_metric="eval/acc"), train.ConfigError, "config.best_metric must be one of"),
     ],
 )
 def test_bad_configs_fail_clearly_before_training(overrides, error, message, tmp_path, digits_data_dir):
