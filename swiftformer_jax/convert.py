@@ -272,7 +272,8 @@ _HF_PARTS = {
     "dwconv": "depth_wise_conv", "pwconv1": "point_wise_conv1", "pwconv2": "point_wise_conv2", "Proj": "proj",
 }
 _TIMM_PARTS = {"Proj": "proj"}
-_LAYER_SCALES = ("layer_scale", "layer_scale_1", "layer_scale_2")
+_HF_PARTS_INVERSE = {v: k for k, v in _HF_PARTS.items()}
+_TIMM_PARTS_INVERSE = {v: k for k, v in _TIMM_PARTS.items()}
 _HEAD_KEY = re.compile(r"(norm|head|dist_head)\.(weight|bias|running_mean|running_var)")
 
 
@@ -297,8 +298,7 @@ def _hf_to_official(key: str) -> str | None:
     if match := re.fullmatch(r"patch_embed\.patch_embedding\.(\d+)\.(.+)", key):
         return f"patch_embed.{match[1]}.{match[2]}"
     if match := re.fullmatch(r"encoder\.network\.(\d+)\.blocks\.(\d+)\.(.+)", key):
-        inverse = {v: k for k, v in _HF_PARTS.items()}
-        return f"network.{match[1]}.{match[2]}.{_rename_parts(match[3], inverse)}"
+        return f"network.{match[1]}.{match[2]}.{_rename_parts(match[3], _HF_PARTS_INVERSE)}"
     if match := re.fullmatch(r"encoder\.network\.(\d+)\.(.+)", key):
         return f"network.{match[1]}.{match[2]}"
     return key if _HEAD_KEY.fullmatch(key) else None
@@ -312,7 +312,7 @@ def _official_to_timm(key: str) -> str:
         if index % 2:
             return f"stages.{(index + 1) // 2}.downsample.{rest}"
         rest = _rename_parts(rest, _TIMM_PARTS)
-        if rest.split(".")[-1] in _LAYER_SCALES:
+        if rest.split(".")[-1] in layout.LAYER_SCALES:
             rest += ".gamma"
         return f"stages.{index // 2}.blocks.{rest}"
     if match := re.fullmatch(r"dist_head\.(.+)", key):
@@ -328,9 +328,9 @@ def _timm_to_official(key: str) -> str | None:
     if match := re.fullmatch(r"stages\.(\d+)\.downsample\.(.+)", key):
         return f"network.{2 * int(match[1]) - 1}.{match[2]}" if int(match[1]) > 0 else None
     if match := re.fullmatch(r"stages\.(\d+)\.blocks\.(.+)", key):
-        rest = _rename_parts(match[2], {v: k for k, v in _TIMM_PARTS.items()})
+        rest = _rename_parts(match[2], _TIMM_PARTS_INVERSE)
         parts = rest.split(".")
-        if len(parts) >= 2 and parts[-1] == "gamma" and parts[-2] in _LAYER_SCALES:
+        if len(parts) >= 2 and parts[-1] == "gamma" and parts[-2] in layout.LAYER_SCALES:
             rest = ".".join(parts[:-1])
         return f"network.{2 * int(match[1])}.{rest}"
     if match := re.fullmatch(r"head_dist\.(.+)", key):

@@ -202,12 +202,7 @@ class EfficientAdditiveAttention(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         dim = tokens.shape[-1]
-
-        def dense_params(key, in_dim, out_dim):
-            return {"kernel": TRUNC_NORMAL_002(key, (in_dim, out_dim), jnp.float32),
-                    "bias": jnp.zeros((out_dim,), jnp.float32)}
-
-        params = {name: self.param(name, dense_params, dim, dim)
+        params = {name: self.param(name, ops.init_dense_params, dim, dim)
                   for name in ("to_query", "to_key", "Proj", "final")}
         params["w_g"] = self.param("w_g", nn.initializers.normal(1.0), (dim, 1), jnp.float32)
         params = jax.tree.map(lambda p: p.astype(self.dtype), params)
