@@ -1,8 +1,10 @@
 """Train SwiftFormer: `python main.py --config=configs/s.py --workdir=DIR [--config.KEY=VALUE ...]`.
 
 Multi-host: pass --coordinator_address, --num_processes and --process_id to every process, or run
-under a launcher JAX detects by itself (SLURM, Open MPI, Cloud TPU / GKE); a plain single-host run
-starts no distributed runtime.
+under a launcher JAX detects by itself (SLURM, Open MPI, GKE), or pass --distributed on every
+worker of a Cloud TPU VM slice; a plain single-host run starts no distributed runtime. Only
+process 0 logs progress and writes metrics; every process takes part in the compiled steps and in
+orbax's saves and restores.
 """
 
 import os
@@ -18,6 +20,8 @@ flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and metric
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host without auto-detection).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host without auto-detection).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host without auto-detection).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with JAX's auto-detection (Cloud TPU VMs, "
+                  "where no environment variable announces the other hosts).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Environment variables set by launchers JAX can read its coordinator, process count and index
@@ -38,9 +42,11 @@ def _initialize_distributed() -> None:
     if any(value is not None for value in explicit):
         if any(value is None for value in explicit):
             raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+        if FLAGS.distributed:
+            raise app.UsageError("--distributed auto-detects the processes: do not also give --coordinator_address etc.")
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    elif any(os.environ.get(name) for name in _MULTI_PROCESS_ENV):
-        jax.distributed.initialize()  # the launcher's environment says who is who
+    elif FLAGS.distributed or any(os.environ.get(name) for name in _MULTI_PROCESS_ENV):
+        jax.distributed.initialize()  # JAX finds the coordinator, process count and index itself
 
 
 def _parse_flags(argv):
@@ -76,6 +82,9 @@ def main(argv):
     logging.info("JAX %s, process %d of %d; %d local / %d global devices: %s", jax.__version__,
                  jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.local_devices())
+    if jax.process_index() != 0:  # one progress log per job: process 0's; others report only trouble
+        logging.info("Process %d logs warnings and errors only from here on.", jax.process_index())
+        logging.set_verbosity(logging.WARNING)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -5,19 +5,26 @@ goes through exactly the input pipeline that ImageNet goes through (TFDS files o
 shards, the same augmentation and evaluation code). The 1,797 images ship inside scikit-learn
 (`sklearn.datasets.load_digits`), so preparing the data set reads no network.
 
-What is written (once, by `Digits(data_dir=...).download_and_prepare()`, which `input_pipeline`
-calls for you the first time `dataset="digits"` is used with a `data_dir`):
+What is written (once, by `prepare(data_dir)`, which `input_pipeline` calls for you the first time
+`dataset="digits"` is used with a `data_dir`):
   - image: uint8 [32, 32, 3], PNG-encoded. Each 8x8 image (ink levels 0..16) is scaled to 0..255
     (bright ink on a black background), enlarged 4x by pixel replication and copied to three
     channels, so RandomResizedCrop, RandAugment and the ImageNet normalisation apply unchanged.
   - label: 0..9.
   - splits: `train` 1,497 and `test` 300, from one fixed permutation (seed 0) of the 1,797 images,
     so every machine writes the same split.
+Several processes sharing a data dir (the local multi-process run) may all ask at once:
+`prepare` holds an exclusive file lock while it writes, so one process writes and the others wait
+and then read.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+
 import numpy as np
+from absl import logging
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -80,3 +87,24 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, images, labels, indices):
         for index in indices:
             yield int(index), {"image": images[index], "label": int(labels[index])}
+
+
+def prepare(data_dir: str | None) -> Digits:
+    """The digits builder for `data_dir` (None: TFDS's default), written first if it is not yet.
+
+    The check and the write happen under an exclusive lock on `<data dir>/digits.lock`, so
+    concurrent processes never write the same files twice; TFDS itself only renames a finished
+    version into place, which leaves nothing half-written if a writer dies.
+    """
+    builder = Digits(data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    root = os.fspath(builder.data_dir_root)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "digits.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        builder = Digits(data_dir=data_dir)  # look again: another process may have written it meanwhile
+        if not builder.is_prepared():
+            logging.info("Writing the digits data set to %s (once).", builder.data_dir)
+            builder.download_and_prepare()
+    return Digits(data_dir=data_dir)

@@ -79,7 +79,6 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from absl import logging
 
 from swiftformer_jax import augment as augment_lib
 from swiftformer_jax import digits
@@ -317,11 +316,7 @@ def _open(dataset: str, data_dir: str | None) -> _Source:
             raise ValueError("dataset='folder:' needs a path: 'folder:/path/to/root'")
         return _folder_source(root)
     if dataset == "digits":
-        builder = digits.Digits(data_dir=data_dir)
-        if not builder.is_prepared():
-            logging.info("Writing the digits data set to %s (once).", builder.data_dir)
-            builder.download_and_prepare()
-        return _tfds_source(builder, eval_split="test")
+        return _tfds_source(digits.prepare(data_dir), eval_split="test")
     if dataset == "imagenet2012":
         builder = tfds.builder("imagenet2012", data_dir=data_dir)
         if not builder.is_prepared():

@@ -29,7 +29,7 @@ def digits_data_dir(tmp_path_factory) -> str:
     from swiftformer_jax import digits
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    digits.Digits(data_dir=data_dir).download_and_prepare()
+    digits.prepare(data_dir)
     return data_dir
 
 

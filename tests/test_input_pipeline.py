@@ -401,3 +401,17 @@ def test_bad_arguments_fail_early(digits_dir):
         train("digits", digits_dir, local_batch_size=1024, process_count=2, process_index=1)
     with pytest.raises(ValueError, match="repeated_aug"):
         train("digits", digits_dir, repeated_aug=0)
+
+
+def test_digits_prepared_by_several_processes_at_once_is_written_once(tmp_path):
+    # The local multi-process run: every process opens the data set at the same moment.
+    code = ("import sys; from absl import logging; from swiftformer_jax import digits; logging.set_verbosity('info'); "
+            "b = digits.prepare(sys.argv[1]); print('SPLITS', b.info.splits['train'].num_examples, b.info.splits['test'].num_examples)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in results]
+    assert all("SPLITS 1497 300" in out for out, _ in results)
+    writes = sum("Writing the digits data set" in err for _, err in results)
+    assert writes == 1, writes  # one process wrote; the others waited and read
+    assert input_pipeline.dataset_info("digits", str(tmp_path)) == (1497, 300, 10)

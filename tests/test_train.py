@@ -8,6 +8,7 @@ other runs (non-finite loss, SIGTERM in a subprocess, init_from) mostly reuse th
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -430,27 +431,55 @@ def test_variant_configs_override_only_what_differs():
 
 
 # ---------------------------------------------------------------------------------------------
-# Several processes (the pod path): 2 processes x 2 CPU devices on this machine
+# Several processes (the pod path): 2 processes x 4 CPU devices on this machine, then a restore in
+# one process of 4 devices
 # ---------------------------------------------------------------------------------------------
+
+# The tiny config's values, given to main.py on the command line (and to tiny_config below).
+TWO_PROCESS_CONFIG = dict(
+    model__depths=(1, 1, 1, 1), model__widths=(8, 16, 16, 24), batch_size=32, eval_batch_size=64,
+    total_steps=8, warmup_steps=1, learning_rate=5e-3, eval_every_steps=4, checkpoint_every_steps=4,
+    log_every_steps=1, ema_decay=0.9,
+)
+
+RESTORE_IN_ONE_PROCESS = textwrap.dedent(r"""
+    import json, sys
+    sys.path[:0] = [REPO, TESTS]
+    import jax
+    from conftest import tiny_config
+    from swiftformer_jax import checkpoint, sharding, train
+
+    config = tiny_config(DATA_DIR, **OVERRIDES)
+    run = train.setup(config)  # the mesh: data=4 on this process's 4 devices
+    checkpointer = checkpoint.Checkpointer(WORKDIR, keep=2)
+    state, state_sh = train.initial_state(config, run, jax.random.key(0), checkpointer)  # the trainer's resume
+    checkpointer.close()
+    leaves = jax.tree_util.tree_leaves(state)
+    _, eval_step = train.jit_steps(config, run.model, run.tx, run.schedule, run.data.num_classes, None,
+                                   run.mesh, state_sh)
+    metrics = train.evaluate(config, eval_step, state, sharding.batch_sharding(run.mesh), run.data.num_eval_examples)
+    print("RESULT " + json.dumps({
+        "processes": jax.process_count(), "devices": jax.device_count(), "step": int(state.step),
+        "leaf_devices": sorted({len(leaf.sharding.device_set) for leaf in leaves}), **metrics}))
+""")
 
 
 @pytest.mark.slow
-def test_two_processes_train_evaluate_and_checkpoint(tmp_path, digits_data_dir):
+def test_two_processes_train_evaluate_checkpoint_and_restore_in_one_process(tmp_path, digits_data_dir):
     import socket
 
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     workdir = tmp_path / "work"
+    overrides = [f"--config.{key.replace('__', '.')}={value}".replace(" ", "")
+                 for key, value in TWO_PROCESS_CONFIG.items()]
     args = [
         sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, "configs/quickstart.py"),
-        f"--workdir={workdir}", f"--config.data_dir={digits_data_dir}", "--config.model.depths=(1,1,1,1)",
-        "--config.model.widths=(8,16,16,24)", "--config.total_steps=4", "--config.warmup_steps=1",
-        "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
-        "--config.batch_size=16", "--config.eval_batch_size=64", f"--coordinator_address=localhost:{port}",
-        "--num_processes=2",
+        f"--workdir={workdir}", f"--config.data_dir={digits_data_dir}", *overrides,
+        f"--coordinator_address=localhost:{port}", "--num_processes=2",
     ]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
     logs = [open(tmp_path / f"p{i}.log", "w") for i in range(2)]
     procs = [subprocess.Popen(args + [f"--process_id={i}"], stdout=logs[i], stderr=subprocess.STDOUT, env=env)
@@ -464,10 +493,29 @@ def test_two_processes_train_evaluate_and_checkpoint(tmp_path, digits_data_dir):
             log.close()
     outputs = [open(tmp_path / f"p{i}.log").read() for i in range(2)]
     assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    assert all("over 4 devices, 2 process(es)" in out for out in outputs)
+    assert "over 8 devices, 2 process(es)" in outputs[0] and "step 8/8" in outputs[0]
+    assert "process 1 of 2; 4 local / 8 global devices" in outputs[1]
+    assert "step 8/8" not in outputs[1]  # progress is logged by process 0 only
     records = metrics.read_metrics(str(workdir))  # written by process 0 only: one line per step
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert all(r["eval/num_examples"] == 300 for r in records if r["step"] in (2, 4))
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
-    _, variables = checkpoint.load_variables(str(workdir))
-    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(variables))
+    assert [r["step"] for r in records] == list(range(1, 9))
+    losses = [r["train/loss"] for r in records]
+    assert np.isfinite(losses).all() and np.mean(losses[-2:]) < 0.95 * np.mean(losses[:2]), losses  # measured: 0.93
+    assert all(r["eval/num_examples"] == 300 for r in records if r["step"] in (4, 8))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
+
+    # The checkpoint the two processes wrote, restored in one process of 4 devices (resharded from
+    # 8), evaluates exactly as the two processes evaluated it at step 8.
+    code = (f"REPO, TESTS, DATA_DIR, WORKDIR = {REPO!r}, {TESTS!r}, {digits_data_dir!r}, {str(workdir)!r}\n"
+            f"OVERRIDES = {TWO_PROCESS_CONFIG!r}\n" + RESTORE_IN_ONE_PROCESS)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    restored = json.loads(lines[-1][len("RESULT "):])
+    assert (restored["processes"], restored["devices"], restored["step"]) == (1, 4, 8)
+    assert restored["leaf_devices"] == [4]
+    final = records[-1]
+    for key in ("eval/accuracy", "eval/ema_accuracy", "eval/num_examples"):
+        assert restored[key] == final[key], key
+    for key in ("eval/loss", "eval/ema_loss"):
+        assert restored[key] == pytest.approx(final[key], rel=1e-5), key
