@@ -10,24 +10,19 @@ Candidates (profile of the jitted S train step, batch 32, on XLA:CPU):
 1. `depthwise_conv3x3` with a custom VJP: the input gradient is the same nine-slice form applied to
    the cotangent with the flipped kernel, instead of XLA's transpose of nine pad/slice ops (nine
    padded full-size copies summed); the kernel gradient is nine fused multiply-reductions.
-2. Exact GELU as 0.5 x (1 + erf(x / sqrt 2)) (PyTorch's formula) instead of `jax.nn.gelu`'s erfc
-   form, whose polynomial branches lower to select-heavy fusions (forward and backward).
-3. The 3x3 stride-2 convolutions (stem, downsampling) as im2col + one matmul: XLA:CPU's backward
-   of a strided convolution (filter and input gradients) was 10-20x its forward.
+   Measured: no gain (PERF_NOTES.md, section 4), so it stays a prototype.
+Two former candidates, exact GELU through erf and the stride-2 convolutions as im2col, were
+measured faster here and moved into the model (`ops.gelu`, `ops.conv3x3_stride2`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from swiftformer_jax import layers, ops
-
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
+from swiftformer_jax import ops
 
 
 # --- 1. depthwise conv with a hand-written backward ---------------------------------------------
@@ -70,47 +65,9 @@ def _dw_bwd(res, g):
 depthwise_conv3x3.defvjp(_dw_fwd, _dw_bwd)
 
 
-# --- 2. exact GELU through erf -------------------------------------------------------------------
-
-
-def gelu_erf(x: jax.Array, approximate: bool = False) -> jax.Array:
-    """0.5 x (1 + erf(x / sqrt 2)), PyTorch's exact GELU; the tanh form when `approximate`."""
-    if approximate:
-        return jax.nn.gelu(x, approximate=True)
-    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
-
-
-# --- 3. stride-2 3x3 conv as im2col + matmul -----------------------------------------------------
-
-
-class Conv3x3Stride2(nn.Module):
-    """PyTorch Conv2d(k=3, s=2, p=1) on NHWC as im2col + matmul; params like nn.Conv (HWIO kernel)."""
-
-    features: int
-    dtype: object = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        channels = x.shape[-1]
-        kernel = self.param("kernel", layers.TRUNC_NORMAL_002, (3, 3, channels, self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        x = x.astype(self.dtype)
-        out_h, out_w = (x.shape[1] - 1) // 2 + 1, (x.shape[2] - 1) // 2 + 1
-        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        patches = jnp.concatenate(
-            [padded[:, i:i + 2 * out_h - 1:2, j:j + 2 * out_w - 1:2, :] for i in range(3) for j in range(3)],
-            axis=-1)
-        flat = kernel.reshape(9 * channels, self.features).astype(self.dtype)
-        return jnp.matmul(patches, flat) + bias.astype(self.dtype)
-
-
-def _conv3x3_stride2(features, dtype, name):
-    return Conv3x3Stride2(features, dtype, name=name)
-
-
 # --- switching them in ---------------------------------------------------------------------------
 
-CANDIDATES = ("dwconv_vjp", "gelu_erf", "conv_im2col")
+CANDIDATES = ("dwconv_vjp",)
 
 
 @contextlib.contextmanager
@@ -119,17 +76,13 @@ def patched(which: tuple[str, ...] = CANDIDATES):
     unknown = set(which) - set(CANDIDATES)
     if unknown:
         raise ValueError(f"unknown candidates {sorted(unknown)}; valid: {', '.join(CANDIDATES)}")
-    saved = (ops.depthwise_conv3x3, nn.gelu, layers._conv3x3_stride2)
+    saved = ops.depthwise_conv3x3
     try:
         if "dwconv_vjp" in which:
             ops.depthwise_conv3x3 = depthwise_conv3x3
-        if "gelu_erf" in which:
-            nn.gelu = gelu_erf
-        if "conv_im2col" in which:
-            layers._conv3x3_stride2 = _conv3x3_stride2
         yield
     finally:
-        ops.depthwise_conv3x3, nn.gelu, layers._conv3x3_stride2 = saved
+        ops.depthwise_conv3x3 = saved
 
 
 # --- checks and measurements (python experiments/fast_ops.py) ------------------------------------
@@ -224,19 +177,10 @@ def pieces(batch: int = 32, reps: int = 7) -> dict:
 
     x = jax.random.normal(key, (batch, 56, 56, 48))
     kernel, bias = 0.1 * jax.random.normal(key, (3, 3, 1, 48)), jnp.zeros(48)
-    h = jax.random.normal(key, (batch, 56, 56, 192))
     cases = {
         "dwconv 56x56x48": (vg(lambda a, k: ops.depthwise_conv3x3(a, k, bias)),
                             vg(lambda a, k: depthwise_conv3x3(a, k, bias)), (x, kernel)),
-        "gelu 56x56x192": (vg(lambda a, s: jax.nn.gelu(a * s, approximate=False)),
-                           vg(lambda a, s: gelu_erf(a * s)), (h, jnp.ones(()))),
     }
-    for name, size, cin, cout in (("stem conv1 3->24 at 224", 224, 3, 24), ("stem conv2 24->48 at 112", 112, 24, 48),
-                                  ("embedding 48->64 at 56", 56, 48, 64)):
-        xin = jax.random.normal(key, (batch, size, size, cin))
-        old, new = layers._conv3x3_stride2(cout, jnp.float32, "c"), Conv3x3Stride2(cout)
-        variables = old.init(key, xin)
-        cases[name] = (vg(lambda v, a, m=old: m.apply(v, a)), vg(lambda v, a, m=new: m.apply(v, a)), (variables, xin))
     out = {}
     for name, (before, after, args) in cases.items():
         fns = {"before": before, "after": after}

@@ -37,13 +37,25 @@ def dense_layer(features: int, dtype: Dtype, name: str) -> nn.Dense:
     )
 
 
-def _conv3x3_stride2(features: int, dtype: Dtype, name: str) -> nn.Conv:
-    # PyTorch padding=1 pads one pixel on every side; XLA 'SAME' would pad (0, 1) for even sizes.
-    return nn.Conv(
-        features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype,
-        param_dtype=jnp.float32, kernel_init=TRUNC_NORMAL_002, bias_init=nn.initializers.zeros,
-        name=name,
-    )
+class Conv3x3Stride2(nn.Module):
+    """PyTorch's Conv2d(kernel 3, stride 2, padding 1): params like nn.Conv's, `ops.conv3x3_stride2`.
+
+    Parameters `kernel` (HWIO [3, 3, C_in, features], truncated normal 0.02) and `bias` (zeros): the
+    names, shapes and initial values nn.Conv would have, so checkpoints and `layout.py` see no change.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", TRUNC_NORMAL_002, (3, 3, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return ops.conv3x3_stride2(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+
+
+def _conv3x3_stride2(features: int, dtype: Dtype, name: str) -> Conv3x3Stride2:
+    return Conv3x3Stride2(features, dtype, name=name)
 
 
 def batch_groups(batch: int, group_size: int | None) -> int:
@@ -178,7 +190,7 @@ class ConvEncoder(nn.Module):
         y = DepthwiseConv3x3(self.dtype, name="dwconv")(x)
         y = BatchNorm(self.bn_group_size, dtype=self.dtype, name="norm")(y, train)
         y = dense_layer(self.hidden_dim, self.dtype, "pwconv1")(y)
-        y = nn.gelu(y, approximate=False)  # PyTorch nn.GELU() is the exact, erf form
+        y = ops.gelu(y)  # PyTorch nn.GELU() is the exact, erf form
         y = dense_layer(channels, self.dtype, "pwconv2")(y)
         y = y * _layer_scale(self, "layer_scale", channels, 1.0).astype(y.dtype)
         rng = self.make_rng("drop_path") if train and self.drop_path_rate > 0 else None
@@ -221,7 +233,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         channels = x.shape[-1]
         x = BatchNorm(self.bn_group_size, dtype=self.dtype, name="norm1")(x, train)
-        x = nn.gelu(dense_layer(self.hidden_dim, self.dtype, "fc1")(x), approximate=False)
+        x = ops.gelu(dense_layer(self.hidden_dim, self.dtype, "fc1")(x))
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
         x = dense_layer(channels, self.dtype, "fc2")(x)
         return nn.Dropout(self.drop_rate)(x, deterministic=not train)

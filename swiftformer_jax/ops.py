@@ -1,4 +1,4 @@
-"""Pure functional ops: normalisation, the four attention mechanisms, depthwise conv, drop path.
+"""Pure functional ops: normalisation, the four attention mechanisms, convolutions, GELU, drop path.
 
 Everything here is a plain jnp function of arrays: no module state, safe under `jax.jit`,
 `jax.grad` and `jax.vmap`. The Flax modules in `layers.py` hold the parameters and call these.
@@ -63,6 +63,42 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.A
         for j in range(3):
             out = out + padded[:, i : i + height, j : j + width, :] * kernel[i, j, 0]
     return out
+
+
+def conv3x3_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """PyTorch's Conv2d(kernel 3, stride 2, padding 1) on NHWC `x`, as im2col and one matmul.
+
+    `kernel` is HWIO [3, 3, C_in, C_out] (nn.Conv's layout), `bias` is [C_out]. The nine strided
+    slices of the padded input are concatenated along channels and multiplied by the kernel
+    flattened to [9 C_in, C_out]. Same function as `lax.conv_general_dilated`; on XLA:CPU its
+    gradient is 1.5-2x faster, because XLA's strided-convolution backward is 10-20x its forward
+    (experiments/results/PERF_NOTES.md).
+    """
+    if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]) or bias.shape != kernel.shape[3:]:
+        raise ValueError(
+            f"conv3x3_stride2 expects x [B, H, W, C], kernel [3, 3, C, F] and bias [F]; got "
+            f"{x.shape}, {kernel.shape} and {bias.shape}"
+        )
+    out_h, out_w = (x.shape[1] - 1) // 2 + 1, (x.shape[2] - 1) // 2 + 1
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate(
+        [padded[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2, :] for i in range(3) for j in range(3)],
+        axis=-1,
+    )
+    flat = kernel.reshape(9 * x.shape[-1], kernel.shape[-1]).astype(x.dtype)
+    return jnp.matmul(patches, flat) + bias.astype(x.dtype)
+
+
+_SQRT_HALF = 0.7071067811865476
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`: PyTorch's nn.GELU() formula.
+
+    Equal to `jax.nn.gelu(x, approximate=False)` up to rounding (that one is written with erfc,
+    whose select-chain polynomials make it ~1.5x slower on XLA:CPU).
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
 
 
 def drop_path(x: jax.Array, rate: float, rng: jax.Array | None, deterministic: bool) -> jax.Array:
