@@ -73,6 +73,9 @@ def _parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from swiftformer_jax import xla_flags
+
+    xla_flags.apply()  # XLA:CPU settings (a no-op elsewhere); before JAX starts its backend
     _initialize_distributed()
 
     import jax

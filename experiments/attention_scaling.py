@@ -30,13 +30,13 @@ import statistics
 import sys
 import time
 
-# XLA:CPU's YNNPACK fusions (on by default in jax 0.10) were measured to be a performance cliff here:
-# one fused subgraph of the efficient additive attention took 1.1 s at 65,536 tokens (0.18 s
-# without), SwiftFormer-S batch-32 inference 2.6 s vs 1.0 s (PERF_NOTES.md). They are turned off
-# before jax initialises its backend (when run as a script) unless --keep-ynn-fusion is given;
-# XLA_FLAGS is recorded with the results.
-if __name__ == "__main__" and "--keep-ynn-fusion" not in sys.argv and "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
+# XLA:CPU's YNNPACK fusions: the project's setting (swiftformer_jax/xla_flags.py: reduce fusions
+# only; PERF_NOTES.md, section 2) is applied before jax starts its backend, when run as a script,
+# unless --keep-ynn-fusion asks for XLA's default. XLA_FLAGS is recorded with the results.
+if __name__ == "__main__" and "--keep-ynn-fusion" not in sys.argv:
+    from swiftformer_jax import xla_flags
+
+    xla_flags.apply()
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-seconds", type=float, default=0.5, help="time each point for at least this long")
     p.add_argument("--max-reps", type=int, default=15)
     p.add_argument("--keep-ynn-fusion", action="store_true",
-                   help="keep XLA:CPU's YNNPACK fusions (default: off, see the note at the top of the file)")
+                   help="keep XLA:CPU's default YNNPACK fusions (default: reduce fusions only, see swiftformer_jax/xla_flags.py)")
     p.add_argument("--output-dir", default=str(HERE / "results"))
     p.add_argument("--from-json", default="", help="rebuild md/png (and refit) from a saved JSON; measure nothing")
     p.add_argument("--tag", default="", help="results go to attention_scaling[_<tag>].{json,md,png}")

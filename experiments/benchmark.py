@@ -32,13 +32,13 @@ import sys
 # 0.05-0.18 s passive). Must be set before torch loads libgomp; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# XLA:CPU's YNNPACK fusions (on by default in jax 0.10) were measured to be a performance cliff here:
-# one fused subgraph of the efficient additive attention took 1.1 s at 65,536 tokens (0.18 s
-# without), SwiftFormer-S batch-32 inference 2.6 s vs 1.0 s (PERF_NOTES.md). They are turned off
-# before jax initialises its backend (when run as a script) unless --keep-ynn-fusion is given;
-# XLA_FLAGS is recorded with the results.
-if __name__ == "__main__" and "--keep-ynn-fusion" not in sys.argv and "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
+# XLA:CPU's YNNPACK fusions: the project's setting (swiftformer_jax/xla_flags.py: reduce fusions
+# only; PERF_NOTES.md, section 2) is applied before jax starts its backend, when run as a script,
+# unless --keep-ynn-fusion asks for XLA's default. XLA_FLAGS is recorded with the results.
+if __name__ == "__main__" and "--keep-ynn-fusion" not in sys.argv:
+    from swiftformer_jax import xla_flags
+
+    xla_flags.apply()
 
 import argparse
 import copy
@@ -96,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "op changes of experiments/fast_ops.py monkeypatched in")
     p.add_argument("--skip-peaks", action="store_true", help="skip measuring the machine's FLOP/s and bandwidth")
     p.add_argument("--keep-ynn-fusion", action="store_true",
-                   help="keep XLA:CPU's YNNPACK fusions (default: off, see the note at the top of the file)")
+                   help="keep XLA:CPU's default YNNPACK fusions (default: reduce fusions only, see swiftformer_jax/xla_flags.py)")
     p.add_argument("--output-dir", default=str(HERE / "results"))
     p.add_argument("--tag", default="cpu", help="results go to benchmark_<tag>.{json,md,png}")
     args = p.parse_args(argv)

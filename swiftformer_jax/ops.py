@@ -154,7 +154,10 @@ def efficient_additive_attention(params: Params, x: jax.Array, *, version: int =
     query = l2_normalize(dense(params["to_query"], x), axis=-1)
     key = l2_normalize(dense(params["to_key"], x), axis=-1)
     weights = additive_token_weights(query, params["w_g"], version)
-    global_query = jnp.sum(weights * query, axis=1, keepdims=True)  # [B, 1, D]
+    # sum_n a_n q_n as a batched [1, N] x [N, D] product: XLA:CPU runs it as a matmul, where the
+    # equal jnp.sum(weights * query, axis=1) became a reduction 10x slower at 50k tokens
+    # (experiments/results/PERF_NOTES.md, section 0.1).
+    global_query = jnp.einsum("bnk,bnd->bkd", weights, query)  # [B, 1, D]
     out = dense(params["Proj"], global_query * key) + query
     return dense(params["final"], out)
 
@@ -211,7 +214,7 @@ def separable_attention(params: Params, x: jax.Array) -> jax.Array:
     qkv = dense(params["qkv"], x)
     scores, key, value = qkv[..., :1], qkv[..., 1 : 1 + dim], qkv[..., 1 + dim :]
     weights = jax.nn.softmax(scores, axis=1)  # over tokens
-    context = jnp.sum(weights * key, axis=1, keepdims=True)
+    context = jnp.einsum("bnk,bnd->bkd", weights, key)  # sum_n w_n k_n, as a matmul (see above)
     return dense(params["proj"], jax.nn.relu(value) * context)
 
 

@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from swiftformer_jax import xla_flags
+
 CROP_SIZE = 224
 RESIZE_SIZE = int(256 / 224 * CROP_SIZE)  # 256, the official eval transform's ratio
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -160,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 with a one-line message for user errors)."""
     args = _parser().parse_args(argv)
+    xla_flags.apply()  # before the first computation starts JAX's backend
     try:
         if args.top_k < 1:
             raise ValueError(f"--top-k must be at least 1, got {args.top_k}")

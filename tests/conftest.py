@@ -22,6 +22,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import pytest  # noqa: E402
 
+from swiftformer_jax import xla_flags  # noqa: E402
+
+xla_flags.apply()  # what main.py runs with; before any test starts JAX's backend (reaches subprocesses too)
+
 
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory) -> str:

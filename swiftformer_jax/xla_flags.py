@@ -1,0 +1,30 @@
+"""XLA:CPU settings this project measured to matter, set before JAX starts its CPU backend.
+
+Why: jax 0.10's XLA:CPU hands subgraphs to YNNPACK ("YNN fusions" of three kinds: dot, eltwise,
+reduce). On SwiftFormer-S (2-core CPU, experiments/results/PERF_NOTES.md, section 2) the default
+set made batch-32 inference 1.5x slower than no YNN fusions at all, while no YNN fusions made the
+train step 1.25x slower than the default; keeping only the reduce fusions was the fastest
+training of all seven settings tried and within 10% of the fastest inference.
+
+XLA reads XLA_FLAGS once, when the first computation starts the backend, so `apply()` must run
+before that: the entry points (main.py, predict, the benchmarks, the tests' conftest) call it
+before any JAX computation. A value the user already gives in XLA_FLAGS wins. Only XLA:CPU reads
+these flags; GPU and TPU runs are unaffected.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import MutableMapping
+
+CPU_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "reduce"}
+
+
+def apply(environ: MutableMapping[str, str] = os.environ) -> str:
+    """Add each of CPU_FLAGS to environ["XLA_FLAGS"] unless it is already there; returns the result."""
+    flags = environ.get("XLA_FLAGS", "")
+    for name, value in CPU_FLAGS.items():
+        if f"--{name}=" not in flags:
+            flags = f"{flags} --{name}={value}".strip()
+    environ["XLA_FLAGS"] = flags
+    return flags
