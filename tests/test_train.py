@@ -170,6 +170,25 @@ def test_eval_evaluates_raw_and_ema_models(uninterrupted, digits_data_dir):
     assert both["eval/ema_loss"] != pytest.approx(both["eval/loss"])
 
 
+def test_each_step_draws_fresh_randomness(digits_data_dir):
+    # The step number is folded into the run's key: the same state and key give the same loss;
+    # other step numbers give other mixup pairs, drop-path masks and dropout draws.
+    config = loop_config(digits_data_dir)
+    run = train.setup(config)
+    state, _ = train.create_train_state(run.model, run.tx, config, run.mesh, jax.random.key(0))
+    step = jax.jit(train.make_train_step(config, run.model, run.tx, run.schedule, run.data.num_classes))
+    rs = np.random.RandomState(0)
+    batch = {"image": rs.randn(16, 32, 32, 3).astype(np.float32), "label": rs.randint(0, 10, 16).astype(np.int32)}
+
+    def loss_at(step_number):
+        _, step_metrics = step(state.replace(step=jnp.asarray(step_number, jnp.int32)), batch, jax.random.key(5), None)
+        return float(step_metrics["loss"])
+
+    assert loss_at(3) == loss_at(3)
+    losses = [loss_at(n) for n in range(3)]
+    assert len(set(losses)) == 3, losses
+
+
 def test_checkpoints_round_trip_the_whole_state(uninterrupted, digits_data_dir):
     workdir, state = uninterrupted
     config = loop_config(digits_data_dir)
