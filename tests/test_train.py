@@ -422,6 +422,21 @@ def test_unknown_config_key_on_the_command_line_fails_clearly(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator_address=localhost:1", "--num_processes=2"], "go together"),
+    (["--distributed", "--coordinator_address=localhost:1", "--num_processes=2", "--process_id=0"],
+     "--distributed auto-detects"),
+])
+def test_multi_process_flags_are_checked_before_anything_starts(flags, message, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, "configs/quickstart.py"),
+         f"--workdir={tmp_path / 'work'}", *flags],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "work").exists()  # nothing written
+
+
 def test_variant_configs_override_only_what_differs():
     from configs import default, l1, l3, quickstart, s, xs
 
