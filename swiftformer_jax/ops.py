@@ -158,7 +158,11 @@ def efficient_additive_attention(params: Params, x: jax.Array, *, version: int =
     # equal jnp.sum(weights * query, axis=1) became a reduction 10x slower at 50k tokens
     # (experiments/results/PERF_NOTES.md, section 0.1).
     global_query = jnp.einsum("bnk,bnd->bkd", weights, query)  # [B, 1, D]
-    out = dense(params["Proj"], global_query * key) + query
+    # Proj(g * k) = k @ (g scaling the rows of Proj's kernel) + bias: the same function without
+    # the [B, N, D] product g * k, so g's gradient is a matmul rather than a reduction over the
+    # tokens, which XLA:CPU ran superlinearly in N (PERF_NOTES.md, section 0.3).
+    scaled_kernel = global_query[:, 0, :, None] * params["Proj"]["kernel"]  # [B, D, D]
+    out = jnp.einsum("bnd,bde->bne", key, scaled_kernel) + params["Proj"]["bias"] + query
     return dense(params["final"], out)
 
 
