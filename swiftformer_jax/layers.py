@@ -54,10 +54,6 @@ class Conv3x3Stride2(nn.Module):
         return ops.conv3x3_stride2(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
 
 
-def _conv3x3_stride2(features: int, dtype: Dtype, name: str) -> Conv3x3Stride2:
-    return Conv3x3Stride2(features, dtype, name=name)
-
-
 def batch_groups(batch: int, group_size: int | None) -> int:
     """Number of ghost-batch groups for a batch: 1 for whole-batch statistics.
 
@@ -152,9 +148,9 @@ class Stem(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         bn = dict(group_size=self.bn_group_size, dtype=self.dtype)
-        x = _conv3x3_stride2(self.width // 2, self.dtype, "conv1")(x)
+        x = Conv3x3Stride2(self.width // 2, self.dtype, name="conv1")(x)
         x = nn.relu(BatchNorm(**bn, name="norm1")(x, train))
-        x = _conv3x3_stride2(self.width, self.dtype, "conv2")(x)
+        x = Conv3x3Stride2(self.width, self.dtype, name="conv2")(x)
         return nn.relu(BatchNorm(**bn, name="norm2")(x, train))
 
 
@@ -167,7 +163,7 @@ class Embedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = _conv3x3_stride2(self.width, self.dtype, "proj")(x)
+        x = Conv3x3Stride2(self.width, self.dtype, name="proj")(x)
         return BatchNorm(self.bn_group_size, dtype=self.dtype, name="norm")(x, train)
 
 
