@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from swiftformer_jax import sharding
+from swiftformer_jax import sharding, xla_flags
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -195,6 +195,7 @@ def _run_devices(program: str, devices: int, out) -> dict:
     code = (f"REPO, TESTS, OUT = {REPO!r}, {TESTS!r}, {str(out)!r}\n"
             f"MESHES, STEPS, SAVED_STEP, MORE_STEPS = {MESHES!r}, {STEPS}, {SAVED_STEP}, {MORE_STEPS}\n" + program)
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    xla_flags.apply(env)  # and the project's XLA:CPU settings, as main.py runs
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]

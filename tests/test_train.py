@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, tiny_config
-from swiftformer_jax import checkpoint, convert, input_pipeline, metrics, optim, sharding, train
+from swiftformer_jax import checkpoint, convert, input_pipeline, metrics, optim, sharding, train, xla_flags
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # The loop tests turn on every random path of the step: mixup/cutmix (groups of 8), ghost batch
@@ -542,6 +542,7 @@ def test_two_processes_train_evaluate_checkpoint_and_restore_in_one_process(tmp_
     code = (f"REPO, TESTS, DATA_DIR, WORKDIR = {REPO!r}, {TESTS!r}, {digits_data_dir!r}, {str(workdir)!r}\n"
             f"OVERRIDES = {TWO_PROCESS_CONFIG!r}\n" + RESTORE_IN_ONE_PROCESS)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    xla_flags.apply(env)  # and the project's XLA:CPU settings, as main.py runs
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
