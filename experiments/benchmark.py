@@ -91,9 +91,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-memory-format", default="auto", choices=("auto", "channels_last", "contiguous"),
                    help="auto: time both in warm-up and keep the faster, per configuration")
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: all usable cores)")
-    p.add_argument("--prototype", action="store_true",
-                   help="also run 'jax-f32-proto' / 'jax-bf16-proto': the JAX model with the candidate "
-                        "op changes of experiments/fast_ops.py monkeypatched in")
     p.add_argument("--skip-peaks", action="store_true", help="skip measuring the machine's FLOP/s and bandwidth")
     p.add_argument("--keep-ynn-fusion", action="store_true",
                    help="keep XLA:CPU's default YNNPACK fusions (default: reduce fusions only, see swiftformer_jax/xla_flags.py)")
@@ -103,8 +100,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.variants = _choose(args.variants, tuple(VARIANTS), "variant", upper=True)
     args.configs = _choose(args.configs, CONFIGS, "config")
     args.tasks = _choose(args.tasks, TASKS, "task")
-    if args.prototype:
-        args.configs = args.configs + tuple(f"{c}-proto" for c in args.configs if c.startswith("jax-"))
     for name in ("image_size", "batch", "train_batch"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -286,32 +281,24 @@ class JaxCase:
 
     framework = "jax"
 
-    def __init__(self, name: str, variant: str, dtype: str, image_size: int, prototype: bool):
+    def __init__(self, name: str, variant: str, dtype: str, image_size: int):
         self.name, self.variant, self.dtype, self.image_size = name, variant, dtype, image_size
-        self.prototype = prototype
         self.model = create_model(variant, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-        with self._patched():
-            init = jax.jit(lambda key, x: self.model.init({"params": key}, x, train=False))
-            self.variables = init(jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)))
+        init = jax.jit(lambda key, x: self.model.init({"params": key}, x, train=False))
+        self.variables = init(jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)))
         self.analysis: dict = {}
+        self.compiled_text: dict[str, str] = {}  # task -> compiled HLO (experiments/profile_step.py)
         self.memory_format = "NHWC"
 
-    def _patched(self):
-        if not self.prototype:
-            import contextlib
-            return contextlib.nullcontext()
-        import fast_ops
-        return fast_ops.patched()
-
     def make(self, task: str, batch: int) -> Callable[[], None]:
-        with self._patched():
-            return self._make_train(batch) if task == "train" else self._make_infer(task, batch)
+        return self._make_train(batch) if task == "train" else self._make_infer(task, batch)
 
     def _make_infer(self, task: str, batch: int) -> Callable[[], None]:
         images = jnp.asarray(_images(batch, self.image_size))
         fn = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
         compiled = fn.lower(self.variables, images).compile()
         self.analysis[task] = {"batch": batch, **_cost(compiled), "xla_memory": _xla_memory(compiled)}
+        self.compiled_text[task] = compiled.as_text()
         variables = self.variables
         return lambda: compiled(variables, images).block_until_ready()
 
@@ -337,6 +324,7 @@ class JaxCase:
         state.append(tx.init(state[0]))
         compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, images, targets).compile()
         self.analysis["train"] = {"batch": batch, **_cost(compiled), "xla_memory": _xla_memory(compiled)}
+        self.compiled_text["train"] = compiled.as_text()
 
         def run() -> None:
             params, batch_stats, opt_state, loss = compiled(*state, images, targets)
@@ -427,7 +415,7 @@ class TorchCase:
 def make_case(name: str, variant: str, args) -> JaxCase | TorchCase:
     dtype = "bfloat16" if "bf16" in name else "float32"
     if name.startswith("jax-"):
-        return JaxCase(name, variant, dtype, args.image_size, prototype=name.endswith("-proto"))
+        return JaxCase(name, variant, dtype, args.image_size)
     return TorchCase(name, variant, dtype, "compile" in name, args.image_size, args.torch_memory_format)
 
 

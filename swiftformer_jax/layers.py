@@ -4,8 +4,8 @@ Submodule and parameter names mirror the official PyTorch tree (`dwconv`, `pwcon
 `linear.fc1`, `layer_scale_1`, ...), so weight conversion is a rename table plus transposes
 (`layout.py`). Modules hold parameters; the math lives in `ops.py`.
 
-Layouts: activations are NHWC. 3x3 convs keep HWIO kernels; 1x1 convs are `nn.Dense` on the channel
-axis (kernel [in, out]), which is the same function and a plain matmul for XLA.
+Layouts: activations are NHWC. 3x3 convs keep HWIO kernels; 1x1 convs are `Dense` on the channel
+axis (kernel [in, out], nn.Dense's parameters), which is the same function and a plain matmul for XLA.
 
 Mixed precision: every module takes `dtype` (compute) and keeps float32 parameters; batch-norm
 statistics are always computed and stored in float32.
@@ -30,11 +30,28 @@ PYTORCH_BN_EPS = 1e-5
 PYTORCH_BN_MOMENTUM = 0.9  # Flax convention: new = m * old + (1 - m) * batch; PyTorch's 0.1.
 
 
-def dense_layer(features: int, dtype: Dtype, name: str) -> nn.Dense:
-    return nn.Dense(
-        features, dtype=dtype, param_dtype=jnp.float32, kernel_init=TRUNC_NORMAL_002,
-        bias_init=nn.initializers.zeros, name=name,
-    )
+class Dense(nn.Module):
+    """A Linear layer or 1x1 conv on the last axis: nn.Dense's parameters, `ops.dense`'s matmul.
+
+    Parameters `kernel` [in, features] (truncated normal 0.02) and `bias` (zeros): the names, shapes
+    and initial values nn.Dense would have. Why not nn.Dense: it contracts a 4-D map's last axis
+    directly, which makes XLA:CPU's kernel gradient go through a transposed copy;
+    `ops.dense` flattens the leading axes first (see `ops.matmul_last_axis`).
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", TRUNC_NORMAL_002, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        params = {"kernel": kernel.astype(self.dtype), "bias": bias.astype(self.dtype)}
+        return ops.dense(params, x.astype(self.dtype))
+
+
+def dense_layer(features: int, dtype: Dtype, name: str) -> Dense:
+    return Dense(features, dtype, name=name)
 
 
 class Conv3x3Stride2(nn.Module):

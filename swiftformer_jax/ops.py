@@ -40,7 +40,19 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = L2_EPS) -> jax.Array
 
 def dense(params: Params, x: jax.Array) -> jax.Array:
     """`x @ kernel + bias` over the last axis (a Linear layer, or a 1x1 conv on NHWC maps)."""
-    return jnp.matmul(x, params["kernel"]) + params["bias"]
+    return matmul_last_axis(x, params["kernel"]) + params["bias"]
+
+
+def matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`x @ kernel` for x [..., C_in] and kernel [C_in, C_out], as one 2-D matmul over all leading axes.
+
+    The same function as `jnp.matmul(x, kernel)`. Why 2-D: for a 4-D x, XLA:CPU computes the kernel's
+    gradient (contracting B, H, W) from a transposed, channel-major copy of the cotangent, written
+    by a strided loop (the largest cost of the SwiftFormer-S train step, PERF_NOTES.md section 0.4);
+    with x flattened to [B*H*W, C_in] (a free reshape) the gradient is a plain matmul on row-major data.
+    """
+    flat = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel)
+    return flat.reshape(x.shape[:-1] + kernel.shape[-1:])
 
 
 def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -50,19 +62,69 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.A
     `feature_group_count=C`), `bias` is [C]. Written as a sum of nine shifted, per-channel scaled
     slices: the same result as the grouped convolution, and on XLA:CPU tens of times faster in both
     directions (see DESIGN.md, performance facts).
+
+    The gradient is written by hand (`jax.custom_vjp`): differentiated automatically, the nine
+    shifted slices of x are kept for the kernel's gradient as nine full-size copies, the largest
+    memory traffic of the SwiftFormer-S train step; here only x is kept and the backward reads
+    shifted views of it (train step -15%, PERF_NOTES.md section 0.4). Reverse mode and vmap work;
+    forward-mode (`jax.jvp`) does not pass through a custom VJP.
     """
     if x.ndim != 4 or kernel.shape != (3, 3, 1, x.shape[-1]):
         raise ValueError(
             f"depthwise_conv3x3 expects x [B, H, W, C] and kernel [3, 3, 1, C]; got {x.shape} "
             f"and {kernel.shape}"
         )
+    return _depthwise_conv3x3(x, kernel, bias)
+
+
+def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """sum_ij pad(x, 1)[:, i:i+H, j:j+W] * kernel[i, j, 0]: the nine-slice correlation."""
     height, width = x.shape[1], x.shape[2]
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    out = bias.astype(x.dtype)
+    out = padded[:, 0:height, 0:width, :] * kernel[0, 0, 0]
     for i in range(3):
         for j in range(3):
-            out = out + padded[:, i : i + height, j : j + width, :] * kernel[i, j, 0]
+            if i or j:
+                out = out + padded[:, i : i + height, j : j + width, :] * kernel[i, j, 0]
     return out
+
+
+@jax.custom_vjp
+def _depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    return _shifted_sum(x, kernel) + bias.astype(x.dtype)
+
+
+def _depthwise_conv3x3_fwd(x, kernel, bias):
+    return _depthwise_conv3x3(x, kernel, bias), (x, kernel, bias)
+
+
+def _depthwise_conv3x3_bwd(residuals, grad):
+    x, kernel, bias = residuals
+    height, width = x.shape[1], x.shape[2]
+    # The transpose of a correlation is the correlation with the kernel flipped in both axes.
+    grad_x = _shifted_sum(grad, kernel[::-1, ::-1])
+    # Kernel gradient: tap (i, j) is sum_{b,h,w} pad(x)[b, h+i, w+j] * grad[b, h, w] per channel.
+    # The nine products go into one variadic reduction over W, so XLA fuses the shifted reads and
+    # the multiplies into a single pass over x and grad (nine separate sums wrote nine full-size
+    # products first: 8x slower); the small [B, H, C] partial sums are then added up.
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).astype(jnp.float32)
+    grad32 = grad.astype(jnp.float32)
+    products = tuple(
+        padded[:, i : i + height, j : j + width, :] * grad32 for i in range(3) for j in range(3)
+    )
+    zeros = (jnp.zeros((), jnp.float32),) * len(products)
+    row_sums = jax.lax.reduce(products, zeros, _add_tuples, (2,))  # nine [B, H, C]
+    taps = [jnp.sum(rows, axis=(0, 1)) for rows in row_sums]
+    grad_kernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+    grad_bias = jnp.sum(grad, axis=(0, 1, 2), dtype=jnp.float32).astype(bias.dtype)
+    return grad_x, grad_kernel, grad_bias
+
+
+def _add_tuples(a: tuple, b: tuple) -> tuple:
+    return tuple(u + v for u, v in zip(a, b))
+
+
+_depthwise_conv3x3.defvjp(_depthwise_conv3x3_fwd, _depthwise_conv3x3_bwd)
 
 
 def conv3x3_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -86,7 +148,7 @@ def conv3x3_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arr
         axis=-1,
     )
     flat = kernel.reshape(9 * x.shape[-1], kernel.shape[-1]).astype(x.dtype)
-    return jnp.matmul(patches, flat) + bias.astype(x.dtype)
+    return matmul_last_axis(patches, flat) + bias.astype(x.dtype)
 
 
 _SQRT_HALF = 0.7071067811865476

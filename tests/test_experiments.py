@@ -2,7 +2,7 @@
 
 They check that the scripts run end to end and write their JSON, markdown and PNG, that bad flags
 fail with a clear message, that the exponent fit is right on exact power laws, and that the
-prototyped fast depthwise conv (experiments/fast_ops.py) computes the same function as the model's.
+profiler's accounting of thunk and idle time adds up.
 """
 
 from __future__ import annotations
@@ -11,9 +11,6 @@ import json
 import pathlib
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
@@ -21,8 +18,7 @@ sys.path.insert(0, str(EXPERIMENTS))
 
 import attention_scaling  # noqa: E402
 import benchmark  # noqa: E402
-import fast_ops  # noqa: E402
-from swiftformer_jax import layers, ops  # noqa: E402
+import profile_step  # noqa: E402
 
 
 def test_attention_scaling_tiny_run(tmp_path):
@@ -89,16 +85,19 @@ def test_benchmark_tiny_run(tmp_path):
     assert "SwiftFormer-XS" in (tmp_path / "benchmark_t.md").read_text()
 
 
-def test_fast_depthwise_conv_matches_model_code_with_gradients():
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    x = jax.random.normal(keys[0], (2, 5, 7, 3))
-    kernel, bias = jax.random.normal(keys[1], (3, 3, 1, 3)), jax.random.normal(keys[2], (3,))
-    weight = jax.random.normal(keys[3], x.shape)
 
-    def grads(fn):
-        return jax.grad(lambda *a: jnp.sum(fn(*a) * weight), argnums=(0, 1, 2))(x, kernel, bias)
 
-    np.testing.assert_allclose(fast_ops.depthwise_conv3x3(x, kernel, bias),
-                               ops.depthwise_conv3x3(x, kernel, bias), rtol=1e-6, atol=1e-6)
-    for new, old in zip(grads(fast_ops.depthwise_conv3x3), grads(ops.depthwise_conv3x3)):
-        np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-5)
+def test_profile_step_tiny_run_lists_thunks(capsys):
+    profile_step.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--warmup", "1",
+                       "--steps", "1", "--top", "3"])
+    out = capsys.readouterr().out
+    assert "| thunk kind |" in out and "| top thunk" in out
+    assert "`dot" in out  # the matmuls are found and named
+
+
+def test_profile_idle_time_goes_to_the_thunk_before_it_and_skips_dispatches():
+    events = [("dot.1", 0, 10), ("fusion.2", 30, 40), ("fusion.3", 35, 50), ("fusion.4", 100, 110)]
+    idle = profile_step.idle_after(events, dispatches=[])
+    assert idle == {"dot.1": 20 / 1e6, "fusion.3": 50 / 1e6}
+    # A dispatch inside the last gap: that gap lies between two calls.
+    assert profile_step.idle_after(events, dispatches=[80]) == {"dot.1": 20 / 1e6}

@@ -324,3 +324,27 @@ def test_malformed_images_raise_value_error(shape, dtype, message):
 def test_bad_model_arguments_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         create_model("S", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Our layers keep Flax's parameters (checkpoints and layout.py depend on it)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ours, flax_layer, shape", [
+    (layers.dense_layer(6, jnp.float32, "fc"),
+     flax.linen.Dense(6, kernel_init=layers.TRUNC_NORMAL_002, name="fc"), (2, 5, 3, 4)),
+    (layers.Conv3x3Stride2(6, name="proj"),
+     flax.linen.Conv(6, (3, 3), strides=2, padding=1, kernel_init=layers.TRUNC_NORMAL_002, name="proj"),
+     (2, 7, 6, 4)),
+])
+def test_layers_have_flax_parameters_initial_values_and_outputs(ours, flax_layer, shape):
+    x = jax.random.normal(jax.random.key(3), shape)
+    key = jax.random.key(7)
+    mine, theirs = ours.init(key, x), flax_layer.init(key, x)
+    assert jax.tree.structure(mine) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(np.asarray(ours.apply(mine, x)), np.asarray(flax_layer.apply(theirs, x)),
+                                   rtol=1e-5, atol=1e-5)

@@ -258,6 +258,52 @@ def test_depthwise_conv_matches_grouped_convolution():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_depthwise_conv_hand_written_gradient_matches_grouped_convolution(dtype, tol):
+    """The custom VJP (input gradient, nine kernel taps, bias) against XLA's own grouped conv."""
+    x = jnp.asarray(tokens((3, 7, 5, 4)))
+    kernel = jnp.asarray(tokens((3, 3, 1, 4), seed=1))
+    bias = jnp.asarray(tokens((4,), seed=2))
+    weight = jnp.asarray(tokens((3, 7, 5, 4), seed=3))
+
+    def reference(x, kernel, bias):
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=4, precision="highest") + bias
+
+    def grads(fn, *args):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * weight), argnums=(0, 1, 2)))(*args)
+
+    cast = [a.astype(dtype) for a in (x, kernel, bias)]
+    got = grads(ops.depthwise_conv3x3, *cast)
+    want = grads(reference, x, kernel, bias)
+    for name, g, w in zip(("x", "kernel", "bias"), got, want):
+        assert g.dtype == dtype, name
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), rtol=0, atol=tol * scale, err_msg=name)
+
+
+def test_depthwise_conv_gradient_under_vmap():
+    x = jnp.asarray(tokens((2, 1, 4, 4, 3)))
+    kernel = jnp.asarray(tokens((3, 3, 1, 3), seed=1))
+    loss = lambda x, k: jnp.sum(jnp.square(ops.depthwise_conv3x3(x, k, jnp.zeros(3))))  # noqa: E731
+    per_sample = jax.vmap(jax.grad(loss, argnums=1), in_axes=(0, None))(x, kernel)
+    one_by_one = jnp.stack([jax.grad(loss, argnums=1)(x[i], kernel) for i in range(2)])
+    np.testing.assert_allclose(np.asarray(per_sample), np.asarray(one_by_one), rtol=1e-5, atol=1e-6)
+
+
+def test_dense_on_maps_is_the_plain_matmul_with_its_gradient():
+    x = jnp.asarray(tokens((2, 3, 5, 4)))
+    params = {"kernel": jnp.asarray(tokens((4, 6), seed=1)), "bias": jnp.asarray(tokens((6,), seed=2))}
+    plain = lambda p, x: jnp.matmul(x, p["kernel"]) + p["bias"]  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(np.asarray(ops.dense(params, x)), np.asarray(plain(params, x)), rtol=1e-6)
+        got = jax.grad(lambda p, x: jnp.sum(jnp.sin(ops.dense(p, x))), argnums=(0, 1))(params, x)
+        want = jax.grad(lambda p, x: jnp.sum(jnp.sin(plain(p, x))), argnums=(0, 1))(params, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
 def test_depthwise_conv_rejects_wrong_kernel():
     with pytest.raises(ValueError, match=r"\[3, 3, 1, C\]"):
         ops.depthwise_conv3x3(jnp.ones((1, 4, 4, 5)), jnp.ones((3, 3, 5, 5)), jnp.ones(5))
