@@ -61,7 +61,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from swiftformer_jax import create_model, losses  # noqa: E402
+from swiftformer_jax import create_model, host_allocator, losses  # noqa: E402
 from swiftformer_jax.model import VARIANTS  # noqa: E402
 
 CONFIGS = (
@@ -150,6 +150,7 @@ def machine_info() -> dict:
         "transformers": transformers.__version__, "numpy": np.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "malloc": host_allocator.status,  # glibc settings, shared by both frameworks in this process
     }
 
 
@@ -559,6 +560,7 @@ def markdown(results: dict) -> str:
         f"{m['memory_gib']} GiB; {m['platform']}.",
         f"Versions: jax {m['jax']} ({m['jax_backend']}), flax {m['flax']}, optax {m['optax']}, "
         f"torch {m['torch']} ({m['torch_threads']} threads, OMP_WAIT_POLICY={m.get('omp_wait_policy')}), transformers {m['transformers']}, numpy {m['numpy']}.",
+        f"XLA_FLAGS={m.get('xla_flags', '')!r}; host allocator (both frameworks): {m.get('malloc', 'unknown')}.",
         f"Load average (1/5/15 min) at start {results['load_average_start']}, at end {results['load_average_end']} "
         "(the machine was shared; timings alternate the configurations so the load falls on all of them).",
         f"Image size {results['settings']['image_size']}; timings are median [min - max] over "
