@@ -8,9 +8,10 @@ What is measured, per variant and per configuration (framework x dtype x executi
 - inference latency at batch 1 (ms per call), inference throughput at `--batch` (images/s);
 - training throughput at `--train-batch` (images/s): forward, label-smoothed cross-entropy on both
   heads, backward, AdamW step (lr 1e-3, weight decay 0.025 on every tensor, both frameworks);
-- peak memory: the peak rise of the process RSS during one call, sampled every millisecond by a
-  thread (the same yardstick for both frameworks: CPU JAX has no allocator statistics); for JAX
-  also XLA's compiled memory analysis (temp + output + argument bytes: deterministic);
+- peak memory: the peak rise of the memory in use (glibc's malloc statistics, where both
+  frameworks allocate) during one call, sampled every millisecond by a thread (the same yardstick
+  for both frameworks; see `MemoryPeak`); for JAX also XLA's compiled memory analysis (temp +
+  output + argument bytes: deterministic);
 - for JAX, XLA's cost analysis of the compiled programs (FLOPs and bytes accessed per image), next
   to the paper's GMACs, and each configuration's throughput as a fraction of the machine's measured
   peaks (a large float32 matmul for FLOP/s, a large array copy for bandwidth; see `machine_peaks`).
@@ -42,6 +43,8 @@ if __name__ == "__main__" and "--keep-ynn-fusion" not in sys.argv:
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import pathlib
@@ -150,6 +153,7 @@ def machine_info() -> dict:
         "transformers": transformers.__version__, "numpy": np.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "memory_measure": MemoryPeak.MEASURE,
         "malloc": host_allocator.status,  # glibc settings, shared by both frameworks in this process
     }
 
@@ -204,33 +208,61 @@ def _median_time(fn: Callable[[], object], reps: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# Memory: peak RSS rise during a call
+# Memory: peak rise of the memory in use during a call
 # ------------------------------------------------------------------------------------------------
 
 
-class RssPeak:
-    """Peak rise of this process's resident set during a `with` block, sampled every `interval` s.
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    Reads /proc/self/statm from a thread; both XLA and PyTorch release the GIL while computing, so
-    the sampler keeps running. A lower bound (a spike shorter than the interval can be missed).
+
+def _malloc_in_use():
+    """A function returning glibc's bytes in use (heap + mmapped blocks), or None without mallinfo2."""
+    try:
+        mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+    except (OSError, AttributeError, TypeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+    return in_use
+
+
+_MALLOC_IN_USE = _malloc_in_use()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class MemoryPeak:
+    """Peak rise of the memory this process uses during a `with` block, sampled every `interval` s.
+
+    Measures glibc's bytes in use (mallinfo2: both XLA:CPU and PyTorch allocate through malloc),
+    or the resident set where that is not available. Not RSS alone: with `host_allocator` freed
+    memory stays resident, so the RSS no longer rises during a call. Sampled from a thread (both
+    frameworks release the GIL while computing); a lower bound, a spike shorter than the interval
+    can be missed. `MEASURE` names which one is used.
     """
+
+    MEASURE = "glibc malloc bytes in use (mallinfo2)" if _MALLOC_IN_USE else "resident set size"
 
     def __init__(self, interval: float = 0.001):
         self.interval = interval
-        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.read = _MALLOC_IN_USE or _rss
         self.peak_bytes = 0
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, self._rss())
+            self._peak = max(self._peak, self.read())
             time.sleep(self.interval)
 
     def __enter__(self):
-        self._start = self._rss()
+        self._start = self.read()
         self._peak = self._start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -240,7 +272,7 @@ class RssPeak:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self._peak = max(self._peak, self._rss())
+        self._peak = max(self._peak, self.read())
         self.peak_bytes = self._peak - self._start
         return False
 
@@ -429,7 +461,7 @@ def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int)
     """Warm every callable, then time `reps` rounds, each calling every callable once in turn.
 
     The order within a round rotates, so no configuration always runs right after the same other.
-    Also records the peak RSS rise of one extra call per configuration.
+    Also records the peak memory rise of one extra call per configuration (`MemoryPeak`).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -443,11 +475,11 @@ def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int)
             times[name].append(time.perf_counter() - start)
     out = {}
     for name in names:
-        with RssPeak() as rss:
+        with MemoryPeak() as memory:
             fns[name]()
         ts = times[name]
         out[name] = {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
-                     "reps": len(ts), "rss_peak_rise_mib": rss.peak_bytes / 2**20}
+                     "reps": len(ts), "memory_peak_rise_mib": memory.peak_bytes / 2**20}
     return out
 
 
@@ -578,7 +610,7 @@ def markdown(results: dict) -> str:
         sep = "|---|---|"
         for task, tres in vres["tasks"].items():
             unit = "ms" if task == "latency" else "img/s"
-            header += f" {task} (batch {tres['batch']}, {unit}) | x torch eager f32 | peak RSS rise MiB |"
+            header += f" {task} (batch {tres['batch']}, {unit}) | x torch eager f32 | peak memory rise MiB |"
             sep += "---|---|---|"
         lines += [header, sep]
         names = next(iter(vres["tasks"].values()))["results"].keys() if vres["tasks"] else []
@@ -590,13 +622,13 @@ def markdown(results: dict) -> str:
                     row += f" {1e3 * s['median_s']:.1f} [{1e3 * s['min_s']:.1f} - {1e3 * s['max_s']:.1f}] |"
                 else:
                     row += f" {s['images_per_s']:.1f} [{s['images_per_s_min']:.1f} - {s['images_per_s_max']:.1f}] |"
-                row += f" {s.get('speedup_vs_torch_eager_f32', float('nan')):.2f} | {s['rss_peak_rise_mib']:.0f} |"
+                row += f" {s.get('speedup_vs_torch_eager_f32', float('nan')):.2f} | {s['memory_peak_rise_mib']:.0f} |"
             lines.append(row)
         lines += ["", "Load average before/after each task: " + "; ".join(
             f"{t} {r['load_average_before']} / {r['load_average_after']}" for t, r in vres["tasks"].items())]
         lines += _analysis_lines(variant, vres, results)
-    lines += ["", "Peak RSS rise: the largest increase of the process's resident memory during one call, "
-              "sampled every 1 ms (a lower bound; memory already held from earlier calls is not counted). "
+    lines += ["", f"Peak memory rise: the largest increase of {results['machine'].get('memory_measure', 'memory')} "
+              "during one call, sampled every 1 ms (a lower bound; memory already held from earlier calls is not counted). "
               "XLA memory: temp + output bytes of the compiled program (deterministic)."]
     return "\n".join(lines) + "\n"
 

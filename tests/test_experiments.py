@@ -82,6 +82,8 @@ def test_benchmark_tiny_run(tmp_path):
     assert all(s["median_s"] > 0 and s["min_s"] <= s["median_s"] <= s["max_s"] for s in latency.values())
     assert results["variants"]["XS"]["analysis"]["jax-f32"]["latency"]["flops"] > 0
     assert results["machine"]["cpu"]
+    assert results["machine"]["memory_measure"] == benchmark.MemoryPeak.MEASURE
+    assert all(s["memory_peak_rise_mib"] >= 0 for s in latency.values())
     assert "SwiftFormer-XS" in (tmp_path / "benchmark_t.md").read_text()
 
 
@@ -101,3 +103,11 @@ def test_profile_idle_time_goes_to_the_thunk_before_it_and_skips_dispatches():
     assert idle == {"dot.1": 20 / 1e6, "fusion.3": 50 / 1e6}
     # A dispatch inside the last gap: that gap lies between two calls.
     assert profile_step.idle_after(events, dispatches=[80]) == {"dot.1": 20 / 1e6}
+
+
+def test_memory_peak_sees_an_allocation_made_inside_the_block():
+    import numpy as np
+    with benchmark.MemoryPeak() as memory:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched, alive at the end of the block
+    assert memory.peak_bytes >= 60 * 2**20
+    del block
