@@ -3,7 +3,8 @@
 Why: XLA:CPU allocates each call's temporary buffer with malloc on a worker thread (3.2 GB for the
 SwiftFormer-S batch-32 train step). glibc serves a block that large from a fresh mmap and returns
 it with munmap when the call ends, so every step faults the whole buffer in again, page by page:
-791k page faults and 1.5 s of kernel time per 2.8 s step, measured (PERF_NOTES.md section 0.4).
+791k page faults and 1.5 s of kernel time per 2.8 s step, measured (PERF_NOTES.md, session 3,
+change 7).
 With one malloc arena, mmap off and trimming off, the freed buffer stays in the heap and the next
 step reuses it: no faults, and the train step ~20% faster.
 
@@ -29,7 +30,9 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 NEVER_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
 
-ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
+ACCELERATOR_PLUGINS = (
+    "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu",
+)
 
 status = "not applied"  # what keep_freed_memory did; recorded by the benchmarks
 

@@ -46,10 +46,11 @@ def dense(params: Params, x: jax.Array) -> jax.Array:
 def matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`x @ kernel` for x [..., C_in] and kernel [C_in, C_out], as one 2-D matmul over all leading axes.
 
-    The same function as `jnp.matmul(x, kernel)`. Why 2-D: for a 4-D x, XLA:CPU computes the kernel's
-    gradient (contracting B, H, W) from a transposed, channel-major copy of the cotangent, written
-    by a strided loop (the largest cost of the SwiftFormer-S train step, PERF_NOTES.md section 0.4);
-    with x flattened to [B*H*W, C_in] (a free reshape) the gradient is a plain matmul on row-major data.
+    The same function as `jnp.matmul(x, kernel)`. Why 2-D: for a 4-D x, XLA:CPU computes the
+    kernel's gradient (contracting B, H, W) from a transposed, channel-major copy of the cotangent,
+    written by a strided loop (the largest cost of the SwiftFormer-S train step then; PERF_NOTES.md,
+    session 3, change 5); with x flattened to [B*H*W, C_in] (a free reshape) the gradient is a
+    plain matmul on row-major data.
     """
     flat = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel)
     return flat.reshape(x.shape[:-1] + kernel.shape[-1:])
@@ -66,7 +67,7 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.A
     The gradient is written by hand (`jax.custom_vjp`): differentiated automatically, the nine
     shifted slices of x are kept for the kernel's gradient as nine full-size copies, the largest
     memory traffic of the SwiftFormer-S train step; here only x is kept and the backward reads
-    shifted views of it (train step -15%, PERF_NOTES.md section 0.4). Reverse mode and vmap work;
+    shifted views of it (PERF_NOTES.md, session 3, change 6). Reverse mode and vmap work;
     forward-mode (`jax.jvp`) does not pass through a custom VJP.
     """
     if x.ndim != 4 or kernel.shape != (3, 3, 1, x.shape[-1]):

@@ -111,3 +111,10 @@ def test_memory_peak_sees_an_allocation_made_inside_the_block():
         block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched, alive at the end of the block
     assert memory.peak_bytes >= 60 * 2**20
     del block
+
+
+def test_time_step_tiny_run():
+    import time_step
+    result = time_step.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--reps", "2"])
+    assert set(result) == {"train", "inference"}
+    assert all(r["min_s"] > 0 and r["page_faults_per_call"] >= 0 for r in result.values())

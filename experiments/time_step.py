@@ -1,0 +1,65 @@
+"""Time the JAX train step and batch-32 inference alone, for quick A/B comparisons of code or flags.
+
+Run:  python experiments/time_step.py [--variant S] [--batch 32] [--reps 5]
+      XLA_FLAGS=--xla_cpu_prefer_vector_width=512 python experiments/time_step.py   # a flag A/B
+
+Prints the minimum over `--reps` calls (after one warm-up) of the same programs `benchmark.py`
+times, plus this process's page faults and kernel time per train step (the allocator's effect,
+PERF_NOTES.md session 3, change 7). One process per setting; the machine drifts by 10-20% between
+runs, so alternate the two sides of an A/B at least twice. PERF_NOTES.md's session-3 A/B figures
+were taken this way.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    from swiftformer_jax import xla_flags
+
+    xla_flags.apply()
+
+import argparse
+import pathlib
+import resource
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import benchmark  # noqa: E402
+
+from swiftformer_jax import host_allocator  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="S")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args(argv)
+    case = benchmark.JaxCase("jax-f32", args.variant, "float32", args.image_size)
+    result = {}
+    for task in ("train", "inference"):
+        run = case.make(task, args.batch)
+        run()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        times = []
+        for _ in range(args.reps):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        result[task] = {"min_s": round(min(times), 3),
+                        "page_faults_per_call": round((after.ru_minflt - usage.ru_minflt) / args.reps),
+                        "kernel_s_per_call": round((after.ru_stime - usage.ru_stime) / args.reps, 3)}
+    print(f"{args.variant} batch {args.batch}: {result}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"allocator: {host_allocator.status}; load {os.getloadavg()[0]:.2f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
