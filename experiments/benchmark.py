@@ -43,8 +43,6 @@ if __name__ == "__main__" and "--keep-ynn-fusion" not in sys.argv:
 
 import argparse
 import copy
-import ctypes
-import ctypes.util
 import dataclasses
 import json
 import pathlib
@@ -212,26 +210,7 @@ def _median_time(fn: Callable[[], object], reps: int) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _malloc_in_use():
-    """A function returning glibc's bytes in use (heap + mmapped blocks), or None without mallinfo2."""
-    try:
-        mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
-    except (OSError, AttributeError, TypeError):
-        return None
-    mallinfo2.restype = _MallInfo2
-
-    def in_use() -> int:
-        info = mallinfo2()
-        return info.uordblks + info.hblkhd
-    return in_use
-
-
-_MALLOC_IN_USE = _malloc_in_use()
+_MALLOC_IN_USE = host_allocator.malloc_bytes_in_use()
 
 
 def _rss() -> int:
@@ -320,7 +299,7 @@ class JaxCase:
         init = jax.jit(lambda key, x: self.model.init({"params": key}, x, train=False))
         self.variables = init(jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)))
         self.analysis: dict = {}
-        self.compiled_text: dict[str, str] = {}  # task -> compiled HLO (experiments/profile_step.py)
+        self.compiled: dict = {}  # task -> the compiled program (profile_step.py reads its HLO)
         self.memory_format = "NHWC"
 
     def make(self, task: str, batch: int) -> Callable[[], None]:
@@ -331,7 +310,7 @@ class JaxCase:
         fn = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
         compiled = fn.lower(self.variables, images).compile()
         self.analysis[task] = {"batch": batch, **_cost(compiled), "xla_memory": _xla_memory(compiled)}
-        self.compiled_text[task] = compiled.as_text()
+        self.compiled[task] = compiled
         variables = self.variables
         return lambda: compiled(variables, images).block_until_ready()
 
@@ -357,7 +336,7 @@ class JaxCase:
         state.append(tx.init(state[0]))
         compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, images, targets).compile()
         self.analysis["train"] = {"batch": batch, **_cost(compiled), "xla_memory": _xla_memory(compiled)}
-        self.compiled_text["train"] = compiled.as_text()
+        self.compiled["train"] = compiled
 
         def run() -> None:
             params, batch_stats, opt_state, loss = compiled(*state, images, targets)

@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     case = benchmark.JaxCase(f"jax-{args.dtype}", args.variant, args.dtype, args.image_size)
     task = "train" if args.task == "train" else "inference"
     run = case.make(task, args.batch)
-    hlo = case.compiled_text[task]
+    hlo = case.compiled[task].as_text()
     if args.dump_hlo:
         args.dump_hlo.write_text(hlo)
     for _ in range(args.warmup):

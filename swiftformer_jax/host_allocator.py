@@ -23,6 +23,7 @@ import ctypes.util
 import importlib.metadata
 import importlib.util
 import os
+from typing import Callable
 
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -47,23 +48,50 @@ def runs_on_cpu(environ=os.environ) -> bool:
     return not list(importlib.metadata.entry_points(group="jax_plugins"))
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has `gnu_get_libc_version`), else None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.gnu_get_libc_version  # noqa: B018  (present in glibc only)
+    except (OSError, AttributeError, TypeError):
+        return None
+    return libc
+
+
 def keep_freed_memory() -> bool:
     """One arena, no mmap, no trimming (glibc). Returns whether glibc accepted all three settings."""
     global status
-    path = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(path)
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # noqa: B018  (present in glibc only)
-    except (OSError, AttributeError, TypeError):
-        status = f"not applied: no glibc mallopt (C library {path!r})"
+    libc = _glibc()
+    if libc is None:
+        status = f"not applied: no glibc (C library {ctypes.util.find_library('c')!r})"
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     accepted = [mallopt(param, value) == 1 for param, value in
                 ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NEVER_TRIM))]
     status = "applied: glibc arena_max=1, mmap_max=0, trim off" if all(accepted) else (
         f"partly refused by glibc (arena, mmap, trim accepted: {accepted})")
     return all(accepted)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_bytes_in_use() -> Callable[[], int] | None:
+    """A function returning glibc's bytes in use (heap chunks + mmapped blocks), or None without
+    glibc's `mallinfo2` (glibc < 2.33 or another C library). The benchmarks' memory yardstick."""
+    libc = _glibc()
+    mallinfo2 = getattr(libc, "mallinfo2", None)
+    if mallinfo2 is None:
+        return None
+    mallinfo2.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+    return in_use
 
 
 def apply_for_cpu(environ=os.environ) -> bool:

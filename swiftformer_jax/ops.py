@@ -78,15 +78,20 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.A
     return _depthwise_conv3x3(x, kernel, bias)
 
 
-def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """sum_ij pad(x, 1)[:, i:i+H, j:j+W] * kernel[i, j, 0]: the nine-slice correlation."""
+def _nine_shifts(x: jax.Array) -> list[jax.Array]:
+    """pad(x, 1)[:, i:i+H, j:j+W] for (i, j) in row-major order over 3 x 3: the conv's input taps."""
     height, width = x.shape[1], x.shape[2]
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    out = padded[:, 0:height, 0:width, :] * kernel[0, 0, 0]
-    for i in range(3):
-        for j in range(3):
-            if i or j:
-                out = out + padded[:, i : i + height, j : j + width, :] * kernel[i, j, 0]
+    return [padded[:, i : i + height, j : j + width, :] for i in range(3) for j in range(3)]
+
+
+def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """sum_ij pad(x, 1)[:, i:i+H, j:j+W] * kernel[i, j, 0]: the nine-slice correlation."""
+    taps = kernel.reshape(9, -1)
+    shifts = _nine_shifts(x)
+    out = shifts[0] * taps[0]
+    for shifted, tap in zip(shifts[1:], taps[1:]):
+        out = out + shifted * tap
     return out
 
 
@@ -101,18 +106,14 @@ def _depthwise_conv3x3_fwd(x, kernel, bias):
 
 def _depthwise_conv3x3_bwd(residuals, grad):
     x, kernel, bias = residuals
-    height, width = x.shape[1], x.shape[2]
     # The transpose of a correlation is the correlation with the kernel flipped in both axes.
     grad_x = _shifted_sum(grad, kernel[::-1, ::-1])
     # Kernel gradient: tap (i, j) is sum_{b,h,w} pad(x)[b, h+i, w+j] * grad[b, h, w] per channel.
     # The nine products go into one variadic reduction over W, so XLA fuses the shifted reads and
     # the multiplies into a single pass over x and grad (nine separate sums wrote nine full-size
     # products first: 8x slower); the small [B, H, C] partial sums are then added up.
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).astype(jnp.float32)
     grad32 = grad.astype(jnp.float32)
-    products = tuple(
-        padded[:, i : i + height, j : j + width, :] * grad32 for i in range(3) for j in range(3)
-    )
+    products = tuple(shifted * grad32 for shifted in _nine_shifts(x.astype(jnp.float32)))
     zeros = (jnp.zeros((), jnp.float32),) * len(products)
     row_sums = jax.lax.reduce(products, zeros, _add_tuples, (2,))  # nine [B, H, C]
     taps = [jnp.sum(rows, axis=(0, 1)) for rows in row_sums]

@@ -59,6 +59,19 @@ def test_jax_platforms_decides_when_set(environ, expected):
 def test_without_jax_platforms_an_installed_accelerator_plugin_decides(monkeypatch):
     assert host_allocator.runs_on_cpu({}) is True  # this machine: jax with the CPU backend only
     monkeypatch.setattr(host_allocator, "ACCELERATOR_PLUGINS", ("json",))  # any importable module
+    monkeypatch.setattr(host_allocator, "status", host_allocator.status)  # restored afterwards
     assert host_allocator.runs_on_cpu({}) is False
     assert host_allocator.apply_for_cpu({}) is False
     assert host_allocator.status == "not applied: an accelerator platform"
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="mallinfo2 is glibc's")
+def test_malloc_bytes_in_use_counts_a_live_block():
+    import numpy as np
+
+    in_use = host_allocator.malloc_bytes_in_use()
+    before = in_use()
+    block = np.ones(2**23)  # 64 MiB
+    assert in_use() - before >= 60 * 2**20
+    del block

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
+
+import pytest
 
 from swiftformer_jax import xla_flags
 
@@ -25,3 +28,15 @@ def test_xla_accepts_the_flags():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
     assert proc.returncode == 0 and proc.stdout.strip() == "16.0", proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="the allocator settings are glibc's")
+def test_apply_also_sets_the_allocator_for_this_process_on_cpu():
+    code = ("from swiftformer_jax import host_allocator, xla_flags; xla_flags.apply({}); print(host_allocator.status); "
+            "xla_flags.apply(); print(host_allocator.status)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # A dict other than os.environ only gets flags; this process's environment gets the allocator too.
+    assert proc.stdout.splitlines() == ["not applied", "applied: glibc arena_max=1, mmap_max=0, trim off"]
