@@ -109,6 +109,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, with the offending value in the error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, batch: int = 32) -> None:
+    """--variant, --batch and --image-size, as the single-program scripts (profile_step,
+    time_step, matmul_shapes) take them: one variant, checked against the variant table."""
+    parser.add_argument("--variant", default="S", choices=tuple(VARIANTS))
+    parser.add_argument("--batch", type=positive_int, default=batch)
+    parser.add_argument("--image-size", type=positive_int, default=224)
+
+
 def _choose(text: str, valid: tuple[str, ...], what: str, upper: bool = False) -> tuple[str, ...]:
     """Parse a comma list against `valid` ('all' for every one); exit with the valid names if not."""
     if text.strip().lower() == "all":

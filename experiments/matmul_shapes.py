@@ -22,13 +22,19 @@ if __name__ == "__main__":
     xla_flags.apply()
 
 import argparse
+import pathlib
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+HERE = pathlib.Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
-from swiftformer_jax.model import VARIANTS
+import benchmark  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from swiftformer_jax.model import VARIANTS  # noqa: E402
 
 PATCH_SIZE = 4  # the stem divides the image by 4; each later stage by 2
 
@@ -56,10 +62,8 @@ def _best(fn, reps: int) -> float:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default="S")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--reps", type=int, default=7)
+    benchmark.add_model_arguments(parser)
+    parser.add_argument("--reps", type=benchmark.positive_int, default=7)
     args = parser.parse_args(argv)
     import torch
 

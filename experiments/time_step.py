@@ -36,10 +36,8 @@ from swiftformer_jax import host_allocator  # noqa: E402
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default="S")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--reps", type=int, default=5)
+    benchmark.add_model_arguments(parser)
+    parser.add_argument("--reps", type=benchmark.positive_int, default=5)
     args = parser.parse_args(argv)
     case = benchmark.JaxCase("jax-f32", args.variant, "float32", args.image_size)
     result = {}

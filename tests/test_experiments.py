@@ -126,3 +126,15 @@ def test_matmul_shapes_tiny_run():
     assert len(result["rows"]) == 4 * 2 * 3  # stages x (C -> 4C, 4C -> C) x (forward, two gradients)
     assert result["rows"][0][1] == "[64, 48] -> 192"  # 32 px / 4 = 8 x 8 pixels in stage 0
     assert result["totals_s"]["jax"] > 0 and result["totals_s"]["torch"] > 0
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("time_step", ["--variant", "M"], "invalid choice: 'M'"),
+    ("matmul_shapes", ["--reps", "0"], "must be >= 1, got 0"),
+    ("profile_step", ["--batch", "two"], "expected an integer, got 'two'"),
+])
+def test_single_program_scripts_reject_bad_flags(script, argv, message, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit):
+        module.main(argv)
+    assert message in capsys.readouterr().err
