@@ -130,27 +130,58 @@ _depthwise_conv3x3.defvjp(_depthwise_conv3x3_fwd, _depthwise_conv3x3_bwd)
 
 
 def conv3x3_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """PyTorch's Conv2d(kernel 3, stride 2, padding 1) on NHWC `x`, as im2col and one matmul.
+    """PyTorch's Conv2d(kernel 3, stride 2, padding 1) on NHWC `x`.
 
-    `kernel` is HWIO [3, 3, C_in, C_out] (nn.Conv's layout), `bias` is [C_out]. The nine strided
-    slices of the padded input are concatenated along channels and multiplied by the kernel
-    flattened to [9 C_in, C_out]. Same function as `lax.conv_general_dilated`; on XLA:CPU its
-    gradient is 1.5-2x faster, because XLA's strided-convolution backward is 10-20x its forward
-    (experiments/results/PERF_NOTES.md).
+    `kernel` is HWIO [3, 3, C_in, C_out] (nn.Conv's layout), `bias` is [C_out]. Two forms of the
+    same function, chosen by `jax.custom_vjp`: evaluated plainly (inference) it is XLA's
+    convolution, 1.3-3x faster on XLA:CPU than im2col, which writes the nine-tap patches first;
+    under differentiation the forward is im2col (nine strided slices concatenated on channels, one
+    matmul with the kernel flattened to [9 C_in, C_out]) and the gradients are that form's, because
+    XLA:CPU's strided-convolution input gradient is 10-20x its forward and its kernel gradient
+    transposes both operands (PERF_NOTES.md, session 4). Reverse mode only.
     """
     if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]) or bias.shape != kernel.shape[3:]:
         raise ValueError(
             f"conv3x3_stride2 expects x [B, H, W, C], kernel [3, 3, C, F] and bias [F]; got "
             f"{x.shape}, {kernel.shape} and {bias.shape}"
         )
+    return _conv3x3_stride2(x, kernel.astype(x.dtype), bias.astype(x.dtype))
+
+
+def _xla_conv3x3_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _im2col_conv3x3_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The same convolution as nine strided slices concatenated on channels and one matmul."""
     out_h, out_w = (x.shape[1] - 1) // 2 + 1, (x.shape[2] - 1) // 2 + 1
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     patches = jnp.concatenate(
         [padded[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2, :] for i in range(3) for j in range(3)],
         axis=-1,
     )
-    flat = kernel.reshape(9 * x.shape[-1], kernel.shape[-1]).astype(x.dtype)
-    return matmul_last_axis(patches, flat) + bias.astype(x.dtype)
+    return matmul_last_axis(patches, kernel.reshape(9 * x.shape[-1], kernel.shape[-1]))
+
+
+@jax.custom_vjp
+def _conv3x3_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    return _xla_conv3x3_stride2(x, kernel) + bias
+
+
+def _conv3x3_stride2_fwd(x, kernel, bias):
+    # Under differentiation the im2col form runs instead: its patches serve the kernel gradient.
+    out, vjp = jax.vjp(_im2col_conv3x3_stride2, x, kernel)
+    return out + bias, vjp
+
+
+def _conv3x3_stride2_bwd(vjp, grad):
+    grad_x, grad_kernel = vjp(grad)
+    grad_bias = jnp.sum(grad, axis=(0, 1, 2), dtype=jnp.float32).astype(grad.dtype)
+    return grad_x, grad_kernel, grad_bias
+
+
+_conv3x3_stride2.defvjp(_conv3x3_stride2_fwd, _conv3x3_stride2_bwd)
 
 
 _SQRT_HALF = 0.7071067811865476

@@ -309,14 +309,29 @@ def test_depthwise_conv_rejects_wrong_kernel():
         ops.depthwise_conv3x3(jnp.ones((1, 4, 4, 5)), jnp.ones((3, 3, 5, 5)), jnp.ones(5))
 
 
+def _numpy_conv3x3_stride2(x, kernel, bias):
+    """PyTorch's Conv2d(3, stride 2, padding 1) as loops over taps, in float64: the reference."""
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    batch, height, width, _ = x.shape
+    out_h, out_w = (height + 1) // 2, (width + 1) // 2
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((batch, out_h, out_w, kernel.shape[-1])) + np.asarray(bias, np.float64)
+    for i in range(3):
+        for j in range(3):
+            taps = padded[:, i : i + 2 * out_h : 2, j : j + 2 * out_w : 2, :]
+            out += taps @ kernel[i, j]
+    return out
+
+
 @pytest.mark.parametrize("height, width", [(9, 6), (8, 8), (1, 2)])
 def test_strided_conv_matches_pytorch_padding_with_gradients(height, width):
     x = jnp.asarray(tokens((2, height, width, 4)))
     kernel = jnp.asarray(tokens((3, 3, 4, 5), seed=1))
     bias = jnp.asarray(tokens((5,), seed=2))
     weight = jnp.asarray(tokens((2, (height + 1) // 2, (width + 1) // 2, 5), seed=3))
+    want = _numpy_conv3x3_stride2(x, kernel, bias)
 
-    def reference(x, kernel, bias):  # PyTorch Conv2d(3, stride 2, padding 1): one pixel every side
+    def xla_conv(x, kernel, bias):  # XLA's convolution, differentiated by JAX's own rules
         return jax.lax.conv_general_dilated(
             x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
             precision="highest") + bias
@@ -325,11 +340,41 @@ def test_strided_conv_matches_pytorch_padding_with_gradients(height, width):
         return jax.grad(lambda *a: jnp.sum(fn(*a) * weight), argnums=(0, 1, 2))(x, kernel, bias)
 
     with jax.default_matmul_precision("highest"):
-        got = ops.conv3x3_stride2(x, kernel, bias)
-        assert got.shape == weight.shape
-        np.testing.assert_allclose(np.asarray(got), np.asarray(reference(x, kernel, bias)), rtol=1e-5, atol=1e-5)
-        for new, old in zip(grads(ops.conv3x3_stride2), grads(reference)):
+        # Inference runs XLA's convolution, differentiation the im2col form: both are checked.
+        primal = ops.conv3x3_stride2(x, kernel, bias)
+        differentiated, _ = jax.vjp(ops.conv3x3_stride2, x, kernel, bias)
+        for got in (primal, differentiated):
+            assert got.shape == weight.shape
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+        for new, old in zip(grads(ops.conv3x3_stride2), grads(xla_conv)):
             np.testing.assert_allclose(np.asarray(new), np.asarray(old), rtol=1e-5, atol=1e-5)
+
+
+def test_strided_conv_gradient_under_vmap_and_in_bfloat16():
+    x = jnp.asarray(tokens((3, 2, 8, 6, 4)))
+    kernel = jnp.asarray(tokens((3, 3, 4, 5), seed=1))
+    bias = jnp.asarray(tokens((5,), seed=2))
+
+    def loss(x, kernel, bias):
+        return jnp.sum(jnp.sin(ops.conv3x3_stride2(x, kernel, bias).astype(jnp.float32)))
+
+    batched = jax.vmap(jax.grad(loss), in_axes=(0, None, None))(x, kernel, bias)
+    one_by_one = jnp.stack([jax.grad(loss)(x[i], kernel, bias) for i in range(3)])
+    np.testing.assert_allclose(np.asarray(batched), np.asarray(one_by_one), rtol=1e-5, atol=1e-6)
+
+    # bfloat16: a linear loss, so the gradients' error is the products' rounding alone.
+    weight = jnp.asarray(tokens((2, 4, 3, 5), seed=3))
+
+    def linear(x, kernel, bias):
+        return jnp.sum(ops.conv3x3_stride2(x, kernel, bias).astype(jnp.float32) * weight)
+
+    low = [x[0].astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), bias.astype(jnp.bfloat16)]
+    got = jax.grad(linear, argnums=(0, 1, 2))(*low)
+    want = jax.grad(linear, argnums=(0, 1, 2))(*[a.astype(jnp.float32) for a in low])
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), rtol=0, atol=0.02 * scale)
 
 
 def test_strided_conv_rejects_mismatched_shapes():
