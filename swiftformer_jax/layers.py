@@ -112,18 +112,15 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
-        x32 = x.astype(jnp.float32)
 
         if not train:
             inv = jax.lax.rsqrt(running_var.value + self.epsilon) * scale
-            return ((x32 - running_mean.value) * inv + bias).astype(self.dtype)
+            return ((x.astype(jnp.float32) - running_mean.value) * inv + bias).astype(self.dtype)
 
         groups = batch_groups(x.shape[0], self.group_size)
-        grouped = x32.reshape((groups, x.shape[0] // groups) + x.shape[1:])
-        axes = tuple(range(1, grouped.ndim - 1))
-        mean = jnp.mean(grouped, axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)  # biased, two-pass
-        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape) * scale + bias
+        grouped = x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+        y, mean, var = ops.batch_norm_train(grouped, scale, bias, self.epsilon, self.dtype)  # biased var
+        y = y.reshape(x.shape)
 
         if not self.is_initializing():
             count = grouped.size // (groups * channels)
@@ -134,7 +131,7 @@ class BatchNorm(nn.Module):
             m = self.momentum
             running_mean.value = m * running_mean.value + (1.0 - m) * batch_mean
             running_var.value = m * running_var.value + (1.0 - m) * batch_var
-        return y.astype(self.dtype)
+        return y
 
 
 class DepthwiseConv3x3(nn.Module):

@@ -304,6 +304,61 @@ def test_dense_on_maps_is_the_plain_matmul_with_its_gradient():
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
 
 
+def _autodiff_batch_norm(x, scale, bias, epsilon=1e-5):
+    """The plain formula, differentiated by JAX: the reference for the hand-written gradient."""
+    axes = tuple(range(1, x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias).astype(x.dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 5, 4, 3), (2, 3, 4, 5, 7), (1, 4, 9)])
+def test_batch_norm_hand_written_gradient_matches_autodiff(shape):
+    x = jnp.asarray(tokens(shape)) * 3.0 + 1.0
+    scale = jnp.asarray(tokens(shape[-1:], seed=1)) + 1.5
+    bias = jnp.asarray(tokens(shape[-1:], seed=2))
+    weight = jnp.asarray(tokens(shape, seed=3))
+
+    def loss(fn):  # relu makes the cotangent uneven across elements
+        return lambda *a: jnp.sum(jax.nn.relu(fn(*a)) * weight)
+
+    y, mean, var = ops.batch_norm_train(x, scale, bias, 1e-5)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(_autodiff_batch_norm(x, scale, bias)), rtol=1e-5, atol=1e-5)
+    axes = tuple(range(1, x.ndim - 1))
+    np.testing.assert_allclose(np.asarray(mean), np.asarray(x).mean(axis=axes, keepdims=True), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(var), np.asarray(x).var(axis=axes, keepdims=True), rtol=1e-5)
+    got = jax.grad(loss(lambda *a: ops.batch_norm_train(*a, 1e-5)[0]), argnums=(0, 1, 2))(x, scale, bias)
+    want = jax.grad(loss(_autodiff_batch_norm), argnums=(0, 1, 2))(x, scale, bias)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_statistics_carry_no_gradient_and_bfloat16_works():
+    x = jnp.asarray(tokens((1, 4, 3, 3, 5)))
+    scale, bias = jnp.ones(5), jnp.zeros(5)
+    stats_grad = jax.grad(lambda x: jnp.sum(ops.batch_norm_train(x, scale, bias, 1e-5)[2]))(x)
+    assert not np.any(np.asarray(stats_grad))
+
+    weight = jnp.asarray(tokens(x.shape, seed=3))
+    low = x.astype(jnp.bfloat16)
+    y, _, _ = ops.batch_norm_train(low, scale, bias, 1e-5)
+    assert y.dtype == jnp.bfloat16
+    assert ops.batch_norm_train(low, scale, bias, 1e-5, jnp.float32)[0].dtype == jnp.float32
+    got = jax.grad(lambda x: jnp.sum(ops.batch_norm_train(x, scale, bias, 1e-5)[0].astype(jnp.float32) * weight))(low)
+    want = jax.grad(lambda x: jnp.sum(_autodiff_batch_norm(x, scale, bias) * weight))(low.astype(jnp.float32))
+    assert got.dtype == jnp.bfloat16
+    scale_of_grad = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=0, atol=0.02 * scale_of_grad)
+
+
+def test_batch_norm_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"\[G, N, ..., C\]"):
+        ops.batch_norm_train(jnp.ones((4, 5)), jnp.ones(5), jnp.zeros(5), 1e-5)
+    with pytest.raises(ValueError, match="scale, bias"):
+        ops.batch_norm_train(jnp.ones((1, 4, 5)), jnp.ones(4), jnp.zeros(5), 1e-5)
+
+
 def test_depthwise_conv_rejects_wrong_kernel():
     with pytest.raises(ValueError, match=r"\[3, 3, 1, C\]"):
         ops.depthwise_conv3x3(jnp.ones((1, 4, 4, 5)), jnp.ones((3, 3, 5, 5)), jnp.ones(5))
