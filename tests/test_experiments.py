@@ -113,6 +113,21 @@ def test_memory_peak_sees_an_allocation_made_inside_the_block():
     del block
 
 
+def test_memory_rise_is_the_largest_over_the_extra_calls():
+    import numpy as np
+    calls = []
+
+    def grows_on_second_extra_call():  # warm-up 1 + reps 1 = 2 timed-or-warm calls, then the extra ones
+        calls.append(1)
+        if len(calls) == 2 + benchmark.MEMORY_CALLS:
+            block = np.ones(64 * 2**20 // 8)
+            del block
+
+    out = benchmark.time_interleaved({"a": grows_on_second_extra_call}, reps=1, warmup=1)
+    assert len(calls) == 2 + benchmark.MEMORY_CALLS >= 4
+    assert out["a"]["memory_peak_rise_mib"] >= 60
+
+
 def test_time_step_tiny_run():
     import time_step
     result = time_step.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--reps", "2"])
