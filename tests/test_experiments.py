@@ -143,10 +143,25 @@ def test_matmul_shapes_tiny_run():
     assert result["totals_s"]["jax"] > 0 and result["totals_s"]["torch"] > 0
 
 
+def test_compare_blocks_tiny_run():
+    import compare_blocks
+    result = compare_blocks.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--reps", "1"])
+    names = [row[0] for row in result["rows"]]
+    # XS: stem, 4 stages x (ConvEncoder, SwiftFormerEncoder), 3 embeddings, the total, 2 whole-model rows
+    assert names[0] == "stem" and len(names) == 1 + 4 * 2 + 3 + 1 + 2
+    assert names[-2:] == ["whole model: forward + loss (train mode)", "whole model: forward + backward"]
+    counts = {row[0]: row[1] for row in result["rows"]}
+    assert counts["stage 2 ConvEncoder"] == 5  # XS depths (3, 3, 6, 4): five ConvEncoders, one encoder
+    weighted = sum(row[1] * row[2] for row in result["rows"][: 1 + 4 * 2 + 3])
+    assert result["totals_s"]["jax"] == pytest.approx(weighted)
+    assert all(row[2] > 0 and row[3] > 0 for row in result["rows"])
+
+
 @pytest.mark.parametrize("script, argv, message", [
     ("time_step", ["--variant", "M"], "invalid choice: 'M'"),
     ("matmul_shapes", ["--reps", "0"], "must be >= 1, got 0"),
     ("profile_step", ["--batch", "two"], "expected an integer, got 'two'"),
+    ("compare_blocks", ["--reps", "-1"], "must be >= 1, got -1"),
 ])
 def test_single_program_scripts_reject_bad_flags(script, argv, message, capsys):
     module = __import__(script)
