@@ -40,14 +40,11 @@ import numpy as np  # noqa: E402
 from swiftformer_jax import layers, losses  # noqa: E402
 from swiftformer_jax.model import VARIANTS  # noqa: E402
 
-PATCH_SIZE = 4  # the stem divides the image by 4; each later stage by 2
-
-
 def blocks(variant: str, batch: int, image_size: int, torch_model):
     """(name, count, jax module, torch module, input shape NHWC, input needs a gradient)."""
     spec = VARIANTS[variant]
     network = torch_model.hf.swiftformer.encoder.network
-    side = image_size // PATCH_SIZE
+    side = _halved(_halved(image_size))  # the stem's two stride-2 convs
     rows = [("stem", 1, layers.Stem(spec.widths[0]), torch_model.hf.swiftformer.patch_embed,
              (batch, image_size, image_size, 3), False)]
     for stage, (depth, width) in enumerate(zip(spec.depths, spec.widths)):
@@ -61,8 +58,13 @@ def blocks(variant: str, batch: int, image_size: int, torch_model):
         if stage + 1 < len(spec.depths):
             rows.append((f"embedding {stage} -> {stage + 1}", 1, layers.Embedding(spec.widths[stage + 1]),
                          network[2 * stage + 1], shape, True))
-            side = (side - 1) // 2 + 1
+            side = _halved(side)
     return rows
+
+
+def _halved(side: int) -> int:
+    """The output side of a 3x3, stride-2, padding-1 convolution."""
+    return (side - 1) // 2 + 1
 
 
 def _nchw(torch, array: np.ndarray):

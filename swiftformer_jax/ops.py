@@ -49,7 +49,7 @@ def batch_norm_train(
     (y in `dtype` (default x's), mean, var), the statistics shaped [G, 1, ..., 1, C] for the running averages;
     they carry no gradient. The gradient is written by hand (`jax.custom_vjp`): the two sums it
     needs (of dy and of dy * x_hat) and the input gradient take two passes over the activations,
-    where autodiff of the forward took five or more; 1.7-2.4x faster on XLA:CPU (PERF_NOTES.md,
+    where autodiff of the forward took five or more; 1.8-2.4x faster on XLA:CPU (PERF_NOTES.md,
     session 4). Reverse mode only.
     """
     if x.ndim < 3 or scale.shape != x.shape[-1:] or bias.shape != x.shape[-1:]:
