@@ -46,8 +46,8 @@ def batch_norm_train(
 
     Statistics are over every axis but the first (ghost-batch groups; 1 for plain batch norm) and
     the last (channels), in float32, two-pass: mean, then the biased variance of x - mean. Returns
-    (y in `dtype` (default x's), mean, var), the statistics shaped [G, 1, ..., 1, C] for the running averages;
-    they carry no gradient. The gradient is written by hand (`jax.custom_vjp`): the two sums it
+    (y in `dtype`, default x's; mean; var), the statistics shaped [G, 1, ..., 1, C] for the running
+    averages; they carry no gradient. The gradient is written by hand (`jax.custom_vjp`): the two sums it
     needs (of dy and of dy * x_hat) and the input gradient take two passes over the activations,
     where autodiff of the forward took five or more; 1.8-2.4x faster on XLA:CPU (PERF_NOTES.md,
     session 4). Reverse mode only.
@@ -57,7 +57,8 @@ def batch_norm_train(
             f"batch_norm_train expects x [G, N, ..., C] and scale, bias [C]; got {x.shape}, "
             f"{scale.shape} and {bias.shape}"
         )
-    y, mean, var = _batch_norm_train(x, scale, bias, epsilon, jnp.dtype(dtype or x.dtype))
+    out_dtype = jnp.dtype(x.dtype if dtype is None else dtype)
+    y, mean, var = _batch_norm_train(x, scale, bias, epsilon, out_dtype)
     return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
 
 

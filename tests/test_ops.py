@@ -344,7 +344,8 @@ def test_batch_norm_statistics_carry_no_gradient_and_bfloat16_works():
     low = x.astype(jnp.bfloat16)
     y, _, _ = ops.batch_norm_train(low, scale, bias, 1e-5)
     assert y.dtype == jnp.bfloat16
-    assert ops.batch_norm_train(low, scale, bias, 1e-5, jnp.float32)[0].dtype == jnp.float32
+    for out_dtype in (jnp.float32, jnp.dtype("float32"), "float32"):
+        assert ops.batch_norm_train(low, scale, bias, 1e-5, out_dtype)[0].dtype == jnp.float32
     got = jax.grad(lambda x: jnp.sum(ops.batch_norm_train(x, scale, bias, 1e-5)[0].astype(jnp.float32) * weight))(low)
     want = jax.grad(lambda x: jnp.sum(_autodiff_batch_norm(x, scale, bias) * weight))(low.astype(jnp.float32))
     assert got.dtype == jnp.bfloat16
