@@ -21,28 +21,24 @@ from the sizes measured before it (their local exponent, at least 1) exceeds `--
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import pathlib
-import platform
-import statistics
-import sys
-import time
+import script_setup  # experiments/ is sys.path[0] when run as a script; the tests put it there
 
-# XLA:CPU's YNNPACK fusions: the project's setting (swiftformer_jax/xla_flags.py: reduce fusions
-# only; PERF_NOTES.md, section 2) is applied before jax starts its backend, when run as a script,
-# unless --keep-ynn-fusion asks for XLA's default. XLA_FLAGS is recorded with the results.
-if __name__ == "__main__" and "--keep-ynn-fusion" not in sys.argv:
-    from swiftformer_jax import xla_flags
+script_setup.prepare(__name__)  # first: OMP and XLA settings, before jax or torch start
 
-    xla_flags.apply()
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
-from swiftformer_jax import ops
+from swiftformer_jax import ops  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 

@@ -25,45 +25,31 @@ before and after each task.
 
 from __future__ import annotations
 
-import os
-import sys
+import script_setup  # experiments/ is sys.path[0] when run as a script; the tests put it there
 
-# libgomp's default busy-wait makes multi-threaded PyTorch collapse on a machine shared with other
-# processes (measured here, load ~8 on 2 cores: SwiftFormer-S batch-1 eager 1.4-9 s spinning vs
-# 0.05-0.18 s passive). Must be set before torch loads libgomp; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+script_setup.prepare(__name__)  # first: OMP and XLA settings, before jax or torch start
 
-# XLA:CPU's YNNPACK fusions: the project's setting (swiftformer_jax/xla_flags.py: reduce fusions
-# only; PERF_NOTES.md, section 2) is applied before jax starts its backend, when run as a script,
-# unless --keep-ynn-fusion asks for XLA's default. XLA_FLAGS is recorded with the results.
-if __name__ == "__main__" and "--keep-ynn-fusion" not in sys.argv:
-    from swiftformer_jax import xla_flags
-
-    xla_flags.apply()
-
-import argparse
-import copy
-import dataclasses
-import json
-import pathlib
-import platform
-import statistics
-import threading
-import time
-from typing import Callable
-
-import numpy as np
-
-HERE = pathlib.Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from typing import Callable  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from swiftformer_jax import create_model, host_allocator, losses  # noqa: E402
 from swiftformer_jax.model import VARIANTS  # noqa: E402
+
+HERE = pathlib.Path(__file__).resolve().parent
 
 CONFIGS = (
     "jax-f32", "jax-bf16",

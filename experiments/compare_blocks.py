@@ -15,22 +15,13 @@ forward + backward (no optimizer step). PERF_NOTES.md (session 4) quotes the out
 
 from __future__ import annotations
 
-import os
-import sys
+import script_setup  # experiments/ is sys.path[0] when run as a script; the tests put it there
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as benchmark.py: fair to PyTorch on shared cores
-if __name__ == "__main__":
-    from swiftformer_jax import xla_flags
+script_setup.prepare(__name__)  # first: OMP and XLA settings, before jax or torch start
 
-    xla_flags.apply()
-
-import argparse
-import pathlib
-import time
-
-HERE = pathlib.Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+import argparse  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
 
 import benchmark  # noqa: E402
 import jax  # noqa: E402
@@ -39,6 +30,7 @@ import numpy as np  # noqa: E402
 
 from swiftformer_jax import layers, losses  # noqa: E402
 from swiftformer_jax.model import VARIANTS  # noqa: E402
+
 
 def blocks(variant: str, batch: int, image_size: int, torch_model):
     """(name, count, jax module, torch module, input shape NHWC, input needs a gradient)."""

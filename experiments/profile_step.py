@@ -15,28 +15,20 @@ idle time is listed next to the thunk that preceded it. PERF_NOTES.md quotes the
 
 from __future__ import annotations
 
-import os
-import sys
+import script_setup  # experiments/ is sys.path[0] when run as a script; the tests put it there
 
-if __name__ == "__main__" and "--keep-ynn-fusion" not in sys.argv:
-    from swiftformer_jax import xla_flags
+script_setup.prepare(__name__)  # first: OMP and XLA settings, before jax or torch start
 
-    xla_flags.apply()
-
-import argparse
-import collections
-import pathlib
-import re
-import tempfile
-import time
-
-HERE = pathlib.Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-
-import jax  # noqa: E402
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 
 import benchmark  # noqa: E402
+import jax  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

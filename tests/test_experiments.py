@@ -2,7 +2,8 @@
 
 They check that the scripts run end to end and write their JSON, markdown and PNG, that bad flags
 fail with a clear message, that the exponent fit is right on exact power laws, and that the
-profiler's accounting of thunk and idle time adds up.
+profiler's accounting of thunk and idle time adds up, and that the timing scripts make their process
+settings (`script_setup.prepare`) before jax or torch is imported.
 """
 
 from __future__ import annotations
@@ -167,3 +168,40 @@ def test_single_program_scripts_reject_bad_flags(script, argv, message, capsys):
     with pytest.raises(SystemExit):
         module.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_script_setup_applies_xla_flags_only_to_the_main_program():
+    import script_setup
+
+    imported: dict[str, str] = {}
+    script_setup.prepare("benchmark", argv=["x"], environ=imported)
+    assert imported == {"OMP_WAIT_POLICY": "PASSIVE"}  # importing a script leaves XLA alone
+
+    main: dict[str, str] = {"OMP_WAIT_POLICY": "ACTIVE", "XLA_FLAGS": "--xla_dump_to=/tmp/d"}
+    script_setup.prepare("__main__", argv=["x"], environ=main)
+    assert main["OMP_WAIT_POLICY"] == "ACTIVE"  # an explicit setting wins
+    assert main["XLA_FLAGS"] == "--xla_dump_to=/tmp/d --xla_cpu_experimental_ynn_fusion_type=reduce"
+
+    default_ynn: dict[str, str] = {}
+    script_setup.prepare("__main__", argv=["x", "--keep-ynn-fusion"], environ=default_ynn)
+    assert "XLA_FLAGS" not in default_ynn
+
+
+TIMING_SCRIPTS = ("attention_scaling", "benchmark", "compare_blocks", "matmul_shapes", "profile_step",
+                  "time_step")
+
+
+@pytest.mark.parametrize("script", TIMING_SCRIPTS)
+def test_timing_scripts_prepare_before_importing_jax_or_torch(script):
+    import ast
+
+    tree = ast.parse((EXPERIMENTS / f"{script}.py").read_text())
+    prepare_line = next(
+        node.lineno for node in tree.body
+        if isinstance(node, ast.Expr) and ast.unparse(node) == "script_setup.prepare(__name__)")
+    first_import = min(
+        node.lineno for node in tree.body
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        and any(name.split(".")[0] in {"jax", "torch", "swiftformer_jax", "benchmark"}
+                for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module])))
+    assert prepare_line < first_import
