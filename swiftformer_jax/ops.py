@@ -58,8 +58,35 @@ def batch_norm_train(
             f"{scale.shape} and {bias.shape}"
         )
     out_dtype = jnp.dtype(x.dtype if dtype is None else dtype)
-    y, mean, var = _batch_norm_train(x, scale, bias, epsilon, out_dtype)
+    # x is read by both statistics, the output and the backward; computed once, not per reader
+    # (see `materialize`), and likewise its gradient.
+    y, mean, var = _batch_norm_train(materialize(x), scale, bias, epsilon, out_dtype)
     return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+
+
+def materialize(x: jax.Array) -> jax.Array:
+    """`x` unchanged, but computed once and stored, in both directions: a fusion barrier for XLA.
+
+    Why: XLA fuses a cheap elementwise producer into each of its consumers rather than storing its
+    result. For batch norm after the depthwise conv, that put the conv's nine-tap forward and the
+    batch norm's input gradient inside the conv's kernel-gradient reduction, computed again for
+    each of its nine taps: the 21 such reductions took 190 ms of the SwiftFormer-S train step
+    (PERF_NOTES.md, session 5). `lax.optimization_barrier` would say this, but XLA:CPU removes it
+    before fusion; a conditional on a runtime predicate is opaque to fusion on every backend. Its
+    transpose is again a conditional, so the gradient of `x` is stored too. The predicate
+    (`x`'s first element is finite) only picks between two exact copies: the other branch adds
+    zero, which XLA cannot fold away (it would turn -0.0 into +0.0, the only difference, and only
+    when that first element is inf or NaN). Under `vmap` the conditional becomes a select: the same
+    values, without the barrier.
+
+    Applied only when the default backend is the CPU, where it was measured: on GPUs a conditional
+    copies its predicate to the host and waits for it, and their fusion heuristics differ; there
+    (and for empty arrays) `x` passes through as it is.
+    """
+    if x.size == 0 or jax.default_backend() != "cpu":
+        return x
+    finite = jnp.isfinite(x.reshape(-1)[0])
+    return jax.lax.cond(finite, lambda v: v, lambda v: v + jnp.zeros((), v.dtype), x)
 
 
 def _normalised_axes(x: jax.Array) -> tuple[tuple[int, ...], int]:

@@ -360,6 +360,34 @@ def test_batch_norm_rejects_mismatched_shapes():
         ops.batch_norm_train(jnp.ones((1, 4, 5)), jnp.ones(4), jnp.zeros(5), 1e-5)
 
 
+def test_materialize_is_the_identity_in_value_and_gradient():
+    x = jnp.asarray(tokens((2, 3, 4, 5))).at[0, 0, 1, 2].set(-0.0)
+    weight = jnp.asarray(tokens(x.shape, seed=1))
+    for value in (x, x.astype(jnp.bfloat16)):
+        got = jax.jit(ops.materialize)(value)
+        assert got.dtype == value.dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(value, np.float32))
+    assert np.signbit(np.asarray(jax.jit(ops.materialize)(x))[0, 0, 1, 2])  # -0.0 stays -0.0
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(ops.materialize(jnp.sin(x)) * weight)))(x)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jnp.cos(x) * weight), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(ops.materialize)(x)), np.asarray(x))
+    # A non-finite first element takes the other branch: the same values (zeros may lose their sign).
+    bad = x.at[0, 0, 0, 0].set(jnp.nan)
+    np.testing.assert_array_equal(np.asarray(jax.jit(ops.materialize)(bad)), np.asarray(bad))
+    assert ops.materialize(jnp.zeros((0, 3))).shape == (0, 3)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="materialize is a barrier on the CPU only")
+def test_materialize_survives_compilation_as_a_fusion_barrier():
+    # If a future XLA simplified the conditional away, the barrier (and its speed-up) would vanish
+    # silently: the compiled program must still hold it, in the forward and in the backward.
+    x = jnp.ones((4, 8, 8, 3))
+    forward = jax.jit(lambda x: jnp.sum(ops.materialize(x * 2.0 + 1.0) ** 2)).lower(x).compile().as_text()
+    assert forward.count("conditional(") == 1
+    backward = jax.jit(jax.grad(lambda x: jnp.sum(ops.materialize(x * 2.0 + 1.0) ** 2))).lower(x).compile()
+    assert backward.as_text().count("conditional(") == 2
+
+
 def test_depthwise_conv_rejects_wrong_kernel():
     with pytest.raises(ValueError, match=r"\[3, 3, 1, C\]"):
         ops.depthwise_conv3x3(jnp.ones((1, 4, 4, 5)), jnp.ones((3, 3, 5, 5)), jnp.ones(5))
