@@ -70,8 +70,9 @@ def materialize(x: jax.Array) -> jax.Array:
     Why: XLA fuses a cheap elementwise producer into each of its consumers rather than storing its
     result. For batch norm after the depthwise conv, that put the conv's nine-tap forward and the
     batch norm's input gradient inside the conv's kernel-gradient reduction, computed again for
-    each of its nine taps: the 21 such reductions took 190 ms of the SwiftFormer-S train step
-    (PERF_NOTES.md, session 5). `lax.optimization_barrier` would say this, but XLA:CPU removes it
+    each of its nine taps: the 21 such reductions took 172-190 ms of the SwiftFormer-S train step,
+    93 ms with this barrier; the step got 8-12% faster (PERF_NOTES.md, session 5, change 12).
+    `lax.optimization_barrier` would say this, but XLA:CPU removes it
     before fusion; a conditional on a runtime predicate is opaque to fusion on every backend. Its
     transpose is again a conditional, so the gradient of `x` is stored too. The predicate
     (`x`'s first element is finite) only picks between two exact copies: the other branch adds
