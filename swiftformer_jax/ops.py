@@ -69,16 +69,15 @@ def materialize(x: jax.Array) -> jax.Array:
 
     Why: XLA fuses a cheap elementwise producer into each of its consumers rather than storing its
     result. For batch norm after the depthwise conv, that put the conv's nine-tap forward and the
-    batch norm's input gradient inside the conv's kernel-gradient reduction, computed again for
-    each of its nine taps: the 21 such reductions took 172-190 ms of the SwiftFormer-S train step,
-    93 ms with this barrier; the step got 8-12% faster (PERF_NOTES.md, session 5, change 12).
-    `lax.optimization_barrier` would say this, but XLA:CPU removes it
-    before fusion; a conditional on a runtime predicate is opaque to fusion on every backend. Its
-    transpose is again a conditional, so the gradient of `x` is stored too. The predicate
-    (`x`'s first element is finite) only picks between two exact copies: the other branch adds
-    zero, which XLA cannot fold away (it would turn -0.0 into +0.0, the only difference, and only
-    when that first element is inf or NaN). Under `vmap` the conditional becomes a select: the same
-    values, without the barrier.
+    batch norm's input gradient inside the conv's kernel-gradient reduction (its timing says once
+    per tap): the 21 such reductions took 172-190 ms of the SwiftFormer-S train step, 93 ms with
+    this barrier, and the step got 3-12% faster in three A/Bs (PERF_NOTES.md, session 5, change
+    12). `lax.optimization_barrier` would say this, but XLA:CPU removes it before fusion; XLA does
+    not fuse across a conditional on a runtime predicate. Its transpose is again a conditional, so
+    the gradient of `x` is stored too. The predicate (`x`'s first element is finite) only picks
+    between two exact copies: the other branch adds zero, which XLA cannot fold away (it would turn
+    -0.0 into +0.0, the only difference, and only when that first element is inf or NaN). Under
+    `vmap` the conditional becomes a select: the same values, without the barrier.
 
     Applied only when the default backend is the CPU, where it was measured: on GPUs a conditional
     copies its predicate to the host and waits for it, and their fusion heuristics differ; there
