@@ -388,6 +388,15 @@ def test_materialize_survives_compilation_as_a_fusion_barrier():
     assert backward.as_text().count("conditional(") == 2
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="materialize is a barrier on the CPU only")
+def test_batch_norm_train_stores_its_input_and_its_input_gradient():
+    # The barrier at the batch-norm input is what keeps XLA from recomputing a depthwise conv's
+    # output inside its kernel-gradient reduction (PERF_NOTES.md, session 5, change 12).
+    x, scale, bias = jnp.ones((1, 2, 4, 4, 3)), jnp.ones(3), jnp.zeros(3)
+    loss = lambda x: jnp.sum(ops.batch_norm_train(x * 2.0, scale, bias, 1e-5)[0] ** 2)
+    assert jax.jit(jax.grad(loss)).lower(x).compile().as_text().count("conditional(") == 2
+
+
 def test_depthwise_conv_rejects_wrong_kernel():
     with pytest.raises(ValueError, match=r"\[3, 3, 1, C\]"):
         ops.depthwise_conv3x3(jnp.ones((1, 4, 4, 5)), jnp.ones((3, 3, 5, 5)), jnp.ones(5))
