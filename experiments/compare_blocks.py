@@ -10,7 +10,7 @@ Face module of the benchmark's reference model, eager, channels_last (what `benc
 PyTorch on this CPU). The two frameworks alternate; each figure is the min over `--reps`. The
 weighted total counts each block as often as the variant has it; it leaves out the head, the loss
 and the optimizer. Two more rows time the whole model: the train-mode forward with the loss, and
-forward + backward (no optimizer step). PERF_NOTES.md (session 4) quotes the output.
+forward + backward (no optimizer step). PERF_NOTES.md (sessions 4 and 5) quotes the output.
 """
 
 from __future__ import annotations
