@@ -473,7 +473,9 @@ def train_dataset(
                 yield from current
                 epoch += 1
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            # Closing the stream waits for an epoch being opened in the background: no thread
+            # outlives the stream, still reading the dataset after its user has moved on.
+            pool.shutdown(wait=True, cancel_futures=True)
 
     return batches(epoch, upcoming)
 

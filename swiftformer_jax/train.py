@@ -39,7 +39,7 @@ from absl import logging
 
 from swiftformer_jax import augment as augment_lib
 from swiftformer_jax import checkpoint as checkpoint_lib
-from swiftformer_jax import input_pipeline, losses, metrics as metrics_lib, mixup, optim
+from swiftformer_jax import input_pipeline, losses, metrics as metrics_lib, mixup, multihost, optim
 from swiftformer_jax import sharding as sharding_lib
 from swiftformer_jax.model import VARIANTS, SwiftFormer
 
@@ -596,6 +596,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             teacher_variables = sharding_lib.put(run.teacher_variables, teacher_shardings)
         train_step, eval_step = jit_steps(config, run.model, run.tx, run.schedule, run.data.num_classes,
                                           run.teacher, mesh, state_shardings, teacher_shardings)
+        # With several processes, each step's first run waits until every process has compiled it.
+        train_step = multihost.compile_then_meet(train_step, "train_step")
+        eval_step = multihost.compile_then_meet(eval_step, "eval_step")
         if start_step >= steps.total_steps:
             logging.info("Nothing to do: the checkpoint is at step %d of %d.", start_step, steps.total_steps)
             return state

@@ -11,6 +11,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -191,7 +192,11 @@ def test_imagenet_mock_batches(tmp_path):
     hi = (1.0 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
     with mock_imagenet(tmp_path, num_examples=12):
         assert input_pipeline.dataset_info("imagenet2012", "/not/used/by/the/mock") == (12, 12, 1000)
-        batch = next(train("imagenet2012", None, local_batch_size=4, image_size=32))
+        # Closed before eval_dataset: TFDS's mock redirects every file access (in all threads)
+        # while a builder's as_dataset runs, so an epoch still opening in the background could
+        # turn eval_dataset's read of the package's labels.txt into a missing temp file.
+        with contextlib.closing(train("imagenet2012", None, local_batch_size=4, image_size=32)) as stream:
+            batch = next(stream)
         assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
         assert batch["label"].dtype == np.int32 and ((batch["label"] >= 0) & (batch["label"] < 1000)).all()
         batches = list(input_pipeline.eval_dataset("imagenet2012", None, local_batch_size=5, image_size=32,
@@ -201,6 +206,13 @@ def test_imagenet_mock_batches(tmp_path):
     real = np.concatenate([b["image"][b["mask"]] for b in batches])
     assert (real >= lo - 1e-5).all() and (real <= hi + 1e-5).all()  # normalised pixels of [0, 1] images
     assert real.std() > 0.1  # not a constant
+
+
+def test_closing_a_train_stream_leaves_no_background_thread(digits_dir):
+    stream = train("digits", digits_dir)
+    next(stream)  # the next epoch is now being opened in the background
+    stream.close()
+    assert [t.name for t in threading.enumerate() if t.name.startswith("next_epoch")] == []
 
 
 def test_tfds_ranges_are_read_in_the_order_given_across_files(tmp_path):
