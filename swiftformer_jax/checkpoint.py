@@ -106,10 +106,14 @@ class Checkpointer:
 
     Every process calls every method (orbax coordinates multi-process saves); only the steps the
     trainer asks for are saved (`save` at interval steps, at the end, on preemption).
+
+    `remove_unfinished=True` (the trainer) deletes the temporary directories of saves that a killed
+    run left unfinished (`<step>.orbax-checkpoint-tmp-*`, each up to a whole checkpoint's size)
+    before its first save. Readers leave them alone: one may be a live run's save in progress.
     """
 
     def __init__(self, workdir: str, *, keep: int, best_metric: str | None = None,
-                 asynchronous: bool = True):
+                 asynchronous: bool = True, remove_unfinished: bool = False):
         if keep < 1:
             raise ValueError(f"config.keep_checkpoints must be >= 1, got {keep}")
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
@@ -128,6 +132,7 @@ class Checkpointer:
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=asynchronous,
             create=True,
+            cleanup_tmp_directories=remove_unfinished,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(STATE_ITEM, MODEL_ITEM),

@@ -580,7 +580,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                   out_shardings=sharding_lib.replicated(mesh))()
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
-        asynchronous=config.async_checkpointing,
+        asynchronous=config.async_checkpointing, remove_unfinished=True,
     )
     writer = metrics_lib.MetricWriter(workdir)
     watcher = checkpoint_lib.PreemptionWatcher()

@@ -140,3 +140,19 @@ def test_sigterm_sets_the_stop_flag_and_the_handler_is_restored():
     finally:
         watcher.close()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("remove_unfinished", [True, False])
+def test_unfinished_saves_are_removed_by_the_trainer_only(tmp_path, remove_unfinished):
+    # What a run killed while saving at step 37 (say, on preemption) leaves: a resumed run, saving
+    # at other steps, would keep it for good. The name is orbax's temporary-directory naming.
+    unfinished = tmp_path / checkpoint.CHECKPOINT_DIR / "37.orbax-checkpoint-tmp"
+    (unfinished / checkpoint.STATE_ITEM).mkdir(parents=True)
+    (unfinished / checkpoint.STATE_ITEM / "partial").write_text("half a checkpoint")
+    checkpointer = checkpoint.Checkpointer(str(tmp_path), keep=1, asynchronous=False,
+                                           remove_unfinished=remove_unfinished)
+    assert checkpointer.latest_step() is None  # never a step, removed or not
+    checkpointer.save(2, fake_state(2, tiny_variables()), TINY)  # orbax finishes its clean-up first
+    assert checkpointer.all_steps() == [2]
+    checkpointer.close()
+    assert unfinished.exists() != remove_unfinished
