@@ -108,7 +108,7 @@ class Checkpointer:
     trainer asks for are saved (`save` at interval steps, at the end, on preemption).
 
     `remove_unfinished=True` (the trainer) deletes the temporary directories of saves that a killed
-    run left unfinished (`<step>.orbax-checkpoint-tmp-*`, each up to a whole checkpoint's size)
+    run left unfinished (`<step>.orbax-checkpoint-tmp`, each up to a whole checkpoint's size)
     before its first save. Readers leave them alone: one may be a live run's save in progress.
     """
 

@@ -1,12 +1,13 @@
 """Multi-process start-up of a jitted step: compile, then meet, then run.
 
 A program that spans processes connects them at its first run, and JAX's CPU collectives (gloo)
-give the other processes a fixed 30 s to arrive (XLA's limit, not configurable). Processes that
-compile the same step at different speeds, a loaded host being enough, miss it, and the run fails
-with "Gloo context initialization failed: ... GetKeyValue() timed out". So a multi-process step is
-compiled ahead of its first run for each input signature, and the processes wait for each other at
-a barrier of JAX's coordination service, which allows `BARRIER_TIMEOUT_S`, before running it. Once
-connected, later runs wait for a late process as long as it takes.
+give the other processes a fixed 30 s to arrive (jax 0.10; `--xla_cpu_collective_timeout_seconds`
+does not change it). Processes that compile the same step at different speeds, a loaded host being
+enough, miss it, and the run fails with "Gloo context initialization failed: ... GetKeyValue()
+timed out". So a multi-process step is compiled ahead of its first run for each input signature,
+and the processes wait for each other at a barrier of JAX's coordination service, which allows
+`BARRIER_TIMEOUT_S`, before running it. Once connected, later runs wait longer for a late process
+(45 s was measured to pass).
 
 With one process nothing changes: the jitted function is returned as it is.
 """
