@@ -233,16 +233,17 @@ def conv3x3_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arr
     same function, chosen by `jax.custom_vjp`: evaluated plainly (inference) it is XLA's
     convolution, 1.3-3x faster on XLA:CPU than im2col, which writes the nine-tap patches first;
     under differentiation the forward is im2col (nine strided slices concatenated on channels, one
-    matmul with the kernel flattened to [9 C_in, C_out]) and the gradients are that form's, because
-    XLA:CPU's strided-convolution input gradient is 10-20x its forward and its kernel gradient
-    transposes both operands (PERF_NOTES.md, session 4). Reverse mode only.
+    matmul with the kernel flattened to [9 C_in, C_out]), because XLA:CPU's strided-convolution
+    input gradient is 10-20x its forward and its kernel gradient transposes both operands
+    (PERF_NOTES.md, session 4). The kernel gradient is im2col's (patches^T @ cotangent); the input
+    gradient is gathered by output parity (`_stride2_input_gradient`). Reverse mode only.
     """
     if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]) or bias.shape != kernel.shape[3:]:
         raise ValueError(
             f"conv3x3_stride2 expects x [B, H, W, C], kernel [3, 3, C, F] and bias [F]; got "
             f"{x.shape}, {kernel.shape} and {bias.shape}"
         )
-    return _conv3x3_stride2(x, kernel.astype(x.dtype), bias.astype(x.dtype))
+    return _conv3x3_stride2(x, kernel.astype(x.dtype), bias.astype(x.dtype), x.shape[1], x.shape[2])
 
 
 def _xla_conv3x3_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -250,31 +251,64 @@ def _xla_conv3x3_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
         x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _im2col_conv3x3_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The same convolution as nine strided slices concatenated on channels and one matmul."""
+def _stride2_patches(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, H_out, W_out, 9 C]: the nine taps (row-major, tap (i, j) at channels
+    (3 i + j) C ...) of each output pixel of the stride-2, padding-1 window."""
     out_h, out_w = (x.shape[1] - 1) // 2 + 1, (x.shape[2] - 1) // 2 + 1
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    patches = jnp.concatenate(
+    return jnp.concatenate(
         [padded[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2, :] for i in range(3) for j in range(3)],
         axis=-1,
     )
-    return matmul_last_axis(patches, kernel.reshape(9 * x.shape[-1], kernel.shape[-1]))
 
 
-@jax.custom_vjp
-def _conv3x3_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+def _stride2_input_gradient(grad_patches: jax.Array, height: int, width: int) -> jax.Array:
+    """The transpose of `_stride2_patches`: x's gradient [B, height, width, C] from the patches'.
+
+    Input row 2m is read by tap row 1 of output row m; row 2m + 1 by tap row 2 of output row m and
+    tap row 0 of output row m + 1 (columns alike). So each of the four parities of (row, column)
+    sums one, two or four taps, and the four are interleaved. Autodiff's transpose of the nine
+    slices is the same sum, but inside the train step XLA:CPU wrote it as nine zero-padded
+    full-size copies summed afterwards: 3.4 GB of the step's 27.5 GB of memory traffic (PERF_NOTES.md,
+    session 6).
+    """
+    batch, out_h, out_w, nine_c = grad_patches.shape
+    channels = nine_c // 9
+
+    def tap(i, j, dm, dn):  # tap (i, j)'s gradient at output (m + dm, n + dn); zero past the edge
+        t = 3 * i + j
+        piece = grad_patches[:, dm:, dn:, t * channels : (t + 1) * channels]
+        return jnp.pad(piece, ((0, 0), (0, dm), (0, dn), (0, 0)))
+
+    even_even = tap(1, 1, 0, 0)
+    even_odd = tap(1, 2, 0, 0) + tap(1, 0, 0, 1)
+    odd_even = tap(2, 1, 0, 0) + tap(0, 1, 1, 0)
+    odd_odd = tap(2, 2, 0, 0) + tap(2, 0, 0, 1) + tap(0, 2, 1, 0) + tap(0, 0, 1, 1)
+    even_rows = jnp.stack([even_even, even_odd], axis=3)  # [B, H_out, W_out, column parity, C]
+    odd_rows = jnp.stack([odd_even, odd_odd], axis=3)
+    full = jnp.stack([even_rows, odd_rows], axis=2).reshape(batch, 2 * out_h, 2 * out_w, channels)
+    return full[:, :height, :width]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv3x3_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array, height: int, width: int) -> jax.Array:
     return _xla_conv3x3_stride2(x, kernel) + bias
 
 
-def _conv3x3_stride2_fwd(x, kernel, bias):
+def _conv3x3_stride2_fwd(x, kernel, bias, height, width):
     # Under differentiation the im2col form runs instead: its patches serve the kernel gradient.
-    out, vjp = jax.vjp(_im2col_conv3x3_stride2, x, kernel)
-    return out + bias, vjp
+    patches = _stride2_patches(x)
+    flat_kernel = kernel.reshape(9 * x.shape[-1], kernel.shape[-1])
+    out, kernel_vjp = jax.vjp(lambda k: matmul_last_axis(patches, k), flat_kernel)
+    return out + bias, (kernel_vjp, flat_kernel)
 
 
-def _conv3x3_stride2_bwd(vjp, grad):
-    grad_x, grad_kernel = vjp(grad)
+def _conv3x3_stride2_bwd(height, width, residuals, grad):
+    kernel_vjp, flat_kernel = residuals
+    (grad_flat_kernel,) = kernel_vjp(grad)
+    grad_x = _stride2_input_gradient(matmul_last_axis(grad, flat_kernel.T), height, width)
     grad_bias = jnp.sum(grad, axis=(0, 1, 2), dtype=jnp.float32).astype(grad.dtype)
+    grad_kernel = grad_flat_kernel.reshape(3, 3, flat_kernel.shape[0] // 9, flat_kernel.shape[1])
     return grad_x, grad_kernel, grad_bias
 
 

@@ -470,6 +470,17 @@ def test_strided_conv_gradient_under_vmap_and_in_bfloat16():
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), rtol=0, atol=0.02 * scale)
 
 
+def test_strided_conv_input_gradient_pads_no_holes():
+    # Autodiff's transpose of the nine strided slices scatters through pads with holes (interior
+    # padding); inside the train step XLA:CPU wrote those as nine full-size copies (PERF_NOTES.md,
+    # session 6). The hand-written gradient gathers by parity: its pads only add an edge.
+    x, kernel, bias = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 5)), jnp.ones(5)
+    text = jax.jit(jax.grad(lambda x: jnp.sum(ops.conv3x3_stride2(x, kernel, bias)))).lower(x).as_text()
+    interiors = re.findall(r"stablehlo\.pad .*interior = \[([0-9, ]+)\]", text)
+    assert interiors, "no pad left: the test no longer looks at the right thing"
+    assert all(set(i.replace(" ", "").split(",")) == {"0"} for i in interiors), interiors
+
+
 def test_strided_conv_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"kernel \[3, 3, C, F\]"):
         ops.conv3x3_stride2(jnp.ones((1, 4, 4, 5)), jnp.ones((3, 3, 4, 6)), jnp.ones(6))
