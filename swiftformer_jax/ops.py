@@ -298,17 +298,20 @@ def _conv3x3_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array, height: i
 def _conv3x3_stride2_fwd(x, kernel, bias, height, width):
     # Under differentiation the im2col form runs instead: its patches serve the kernel gradient.
     patches = _stride2_patches(x)
-    flat_kernel = kernel.reshape(9 * x.shape[-1], kernel.shape[-1])
-    out, kernel_vjp = jax.vjp(lambda k: matmul_last_axis(patches, k), flat_kernel)
-    return out + bias, (kernel_vjp, flat_kernel)
+    out, kernel_vjp = jax.vjp(lambda k: matmul_last_axis(patches, _flat_kernel(k)), kernel)
+    return out + bias, (kernel_vjp, kernel)
+
+
+def _flat_kernel(kernel: jax.Array) -> jax.Array:
+    """HWIO [3, 3, C, F] -> [9 C, F], rows in `_stride2_patches`' channel order."""
+    return kernel.reshape(-1, kernel.shape[-1])
 
 
 def _conv3x3_stride2_bwd(height, width, residuals, grad):
-    kernel_vjp, flat_kernel = residuals
-    (grad_flat_kernel,) = kernel_vjp(grad)
-    grad_x = _stride2_input_gradient(matmul_last_axis(grad, flat_kernel.T), height, width)
+    kernel_vjp, kernel = residuals
+    (grad_kernel,) = kernel_vjp(grad)
+    grad_x = _stride2_input_gradient(matmul_last_axis(grad, _flat_kernel(kernel).T), height, width)
     grad_bias = jnp.sum(grad, axis=(0, 1, 2), dtype=jnp.float32).astype(grad.dtype)
-    grad_kernel = grad_flat_kernel.reshape(3, 3, flat_kernel.shape[0] // 9, flat_kernel.shape[1])
     return grad_x, grad_kernel, grad_bias
 
 
