@@ -9,6 +9,8 @@ keyed by the program, so it cannot change a result. The environment variables re
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 
@@ -64,3 +66,30 @@ def tiny_config(data_dir: str, **overrides):
             node = node[name]
         node[last] = value
     return config
+
+
+def free_port() -> int:
+    """A localhost port free right now, for a coordinator address."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(commands: list[list[str]], env: dict, log_dir, timeout: float) -> tuple[list[int], list[str]]:
+    """Start every command at once (logs in `log_dir/p<i>.log`), wait for all, kill stragglers;
+    returns (exit codes, outputs)."""
+    logs = [open(os.path.join(log_dir, f"p{i}.log"), "w") for i in range(len(commands))]
+    procs = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+             for command, log in zip(commands, logs)]
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p, log in zip(procs, logs):
+            if p.poll() is None:
+                p.kill()
+            log.close()
+    outputs = []
+    for i in range(len(commands)):
+        with open(os.path.join(log_dir, f"p{i}.log")) as handle:
+            outputs.append(handle.read())
+    return codes, outputs

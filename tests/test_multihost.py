@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 
 import jax
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port, run_processes
 from swiftformer_jax import multihost
 
 LATE_PROCESS = textwrap.dedent(r"""
@@ -45,26 +43,15 @@ def test_one_process_gets_the_jitted_function_back():
 
 @pytest.mark.slow
 def test_a_process_compiling_35_s_late_still_connects(tmp_path):
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
-    procs = []
+    commands = []
     for process in range(2):
-        script = tmp_path / f"p{process}.py"
+        script = tmp_path / f"late{process}.py"
         script.write_text(f"REPO, PORT, PROCESS, DELAY = {REPO!r}, {port}, {process}, 35\n" + LATE_PROCESS)
-        log = open(tmp_path / f"p{process}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT,
-                                       env=env), log))
-    try:
-        codes = [p.wait(timeout=300) for p, _ in procs]
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-            log.close()
-    outputs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
+        commands.append([sys.executable, str(script)])
+    codes, outputs = run_processes(commands, env, tmp_path, timeout=300)
     assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     for output in outputs:
         assert "RESULTS 4.0 4.0 8.0" in output, output[-3000:]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, tiny_config
+from conftest import REPO, free_port, run_processes, tiny_config
 from swiftformer_jax import checkpoint, convert, input_pipeline, metrics, optim, sharding, train, xla_flags
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -509,32 +509,17 @@ RESTORE_IN_ONE_PROCESS = textwrap.dedent(r"""
 
 @pytest.mark.slow
 def test_two_processes_train_evaluate_checkpoint_and_restore_in_one_process(tmp_path, digits_data_dir):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
     workdir = tmp_path / "work"
     overrides = [f"--config.{key.replace('__', '.')}={value}".replace(" ", "")
                  for key, value in TWO_PROCESS_CONFIG.items()]
     args = [
         sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, "configs/quickstart.py"),
         f"--workdir={workdir}", f"--config.data_dir={digits_data_dir}", *overrides,
-        f"--coordinator_address=localhost:{port}", "--num_processes=2",
+        f"--coordinator_address=localhost:{free_port()}", "--num_processes=2",
     ]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
-    logs = [open(tmp_path / f"p{i}.log", "w") for i in range(2)]
-    procs = [subprocess.Popen(args + [f"--process_id={i}"], stdout=logs[i], stderr=subprocess.STDOUT, env=env)
-             for i in range(2)]
-    try:
-        codes = [p.wait(timeout=900) for p in procs]
-    finally:
-        for p, log in zip(procs, logs):
-            if p.poll() is None:
-                p.kill()
-            log.close()
-    outputs = [open(tmp_path / f"p{i}.log").read() for i in range(2)]
+    codes, outputs = run_processes([args + [f"--process_id={i}"] for i in range(2)], env, tmp_path, timeout=900)
     assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "over 8 devices, 2 process(es)" in outputs[0] and "step 8/8" in outputs[0]
     assert "process 1 of 2; 4 local / 8 global devices" in outputs[1]
