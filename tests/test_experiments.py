@@ -157,11 +157,51 @@ def test_compare_blocks_tiny_run():
     assert all(row[2] > 0 and row[3] > 0 for row in result["rows"])
 
 
+def test_component_costs_knocks_out_the_op_while_compiling_only():
+    import component_costs
+    from swiftformer_jax import ops
+
+    gelu = ops.gelu
+    _, without_gelu = component_costs.jax_step("XS", 1, 32, "gelu")
+    assert ops.gelu is gelu  # undone after compiling
+    _, complete = component_costs.jax_step("XS", 1, 32, None)
+    assert " erf(" in complete and " erf(" not in without_gelu
+
+
+# XS, depths (3, 3, 6, 4): 12 ConvEncoders and 4 SwiftFormerEncoders (each a LocalRepresentation, the
+# attention and an Mlp); batch norms also in the stem (2), the 3 embeddings and before the heads (1).
+@pytest.mark.parametrize("component, replaced", [("gelu", 12 + 4 + 4), ("batch_norm", 12 + 4 + 4 + 2 + 3 + 1),
+                                                 ("depthwise", 12 + 4), ("attention", 4)])
+def test_component_costs_removes_every_torch_module_of_the_component(component, replaced):
+    import component_costs
+    import torch_reference_model
+
+    model = torch_reference_model.build("XS")
+    assert component_costs.knock_out_torch(model, component) == replaced
+    assert not any(component_costs._torch_matches(component, m) for m in model.modules())
+    with pytest.raises(RuntimeError, match=f"no PyTorch module matched component '{component}'"):
+        component_costs.knock_out_torch(model, component)
+
+
+def test_component_costs_tiny_run():
+    import component_costs
+    result = component_costs.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--reps", "2",
+                                   "--components", "depthwise", "--torch", "eager"])
+    assert set(result["cost_s"]) == {"jax", "torch-eager"}
+    assert set(result["median_s"]) == {"jax/complete", "jax/depthwise", "torch-eager/complete",
+                                       "torch-eager/depthwise"}
+    for fw in ("jax", "torch-eager"):
+        costs = result["cost_s"][fw]
+        assert sum(costs.values()) == pytest.approx(result["median_s"][f"{fw}/complete"])
+
+
 @pytest.mark.parametrize("script, argv, message", [
     ("time_step", ["--variant", "M"], "invalid choice: 'M'"),
     ("matmul_shapes", ["--reps", "0"], "must be >= 1, got 0"),
     ("profile_step", ["--batch", "two"], "expected an integer, got 'two'"),
     ("compare_blocks", ["--reps", "-1"], "must be >= 1, got -1"),
+    ("component_costs", ["--components", "gelu,softmax"], "unknown component or PyTorch mode ['softmax']"),
+    ("component_costs", ["--torch", "jit"], "unknown component or PyTorch mode ['jit']"),
 ])
 def test_single_program_scripts_reject_bad_flags(script, argv, message, capsys):
     module = __import__(script)
@@ -187,8 +227,8 @@ def test_script_setup_applies_xla_flags_only_to_the_main_program():
     assert "XLA_FLAGS" not in default_ynn
 
 
-TIMING_SCRIPTS = ("attention_scaling", "benchmark", "compare_blocks", "matmul_shapes", "profile_step",
-                  "time_step")
+TIMING_SCRIPTS = ("attention_scaling", "benchmark", "compare_blocks", "component_costs", "matmul_shapes",
+                  "profile_step", "time_step")
 
 
 @pytest.mark.parametrize("script", TIMING_SCRIPTS)
