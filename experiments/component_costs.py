@@ -12,10 +12,9 @@ A component's cost is the complete step's time minus the knocked-out step's, pai
 interaction with its neighbours included. Differences of ~100 ms against a step of ~2 s need many
 rounds on a drifting VM: read the quartiles before the medians.
 
-Compare costs within a framework, and complete steps across frameworks only from a run with few
-programs: with all four components and both PyTorch modes (15 programs in one process) PyTorch's
-complete step ran 10-20% slower than in a run with one component (6 programs), while JAX's did not
-(PERF_NOTES.md, session 7). `--components` picks fewer.
+Compare costs within a framework. Its complete steps came out 0-20% more favourable to JAX than
+`benchmark.py`'s side-by-side timing of the same programs, for a reason not yet found
+(PERF_NOTES.md, session 7): quote `benchmark.py` for the frameworks' ratio.
 
 Components: `gelu` (every GELU), `batch_norm` (every batch norm in training: statistics,
 normalisation, their gradients), `depthwise` (the 3x3 depthwise convs), `attention` (the
