@@ -39,7 +39,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from typing import Callable  # noqa: E402
+from typing import Callable, Hashable  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -441,22 +441,30 @@ def make_case(name: str, variant: str, args) -> JaxCase | TorchCase:
 # ------------------------------------------------------------------------------------------------
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int) -> dict[str, dict]:
-    """Warm every callable, then time `reps` rounds, each calling every callable once in turn.
+def interleaved_times(fns: dict[Hashable, Callable[[], None]], reps: int, warmup: int) -> dict[Hashable, list[float]]:
+    """Warm every callable, then time `reps` rounds, each calling every callable once in turn;
+    returns each callable's times (seconds), round by round.
 
     The order within a round rotates, so no configuration always runs right after the same other.
-    Also records the peak memory rise over `MEMORY_CALLS` extra calls per configuration (`MemoryPeak`).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[Hashable, list[float]] = {n: [] for n in names}
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int) -> dict[str, dict]:
+    """`interleaved_times`' median, min and max per callable, plus the peak memory rise over
+    `MEMORY_CALLS` extra calls per configuration (`MemoryPeak`)."""
+    times = interleaved_times(fns, reps, warmup)
+    names = list(fns)
     out = {}
     for name in names:
         rises = []

@@ -22,9 +22,10 @@ efficient additive attention itself; its layer scale and residual stay). JAX: th
 the layers call is swapped while the step is traced and compiled (the unused parameters stay and
 get zero gradients). PyTorch: the HF modules are swapped for `nn.Identity`, their parameters go
 (channels_last, float32, the optimizer eager, as in `benchmark.py`). All programs are compiled
-first, then timed in interleaved rounds (the order rotates each round); median and min per
-program. "rest" is the complete step's median minus the four costs: matmuls, stem, embeddings,
-layer scales, residuals, loss and AdamW.
+first, then timed in interleaved rounds (`benchmark.interleaved_times`, the benchmark's own
+timing: the order rotates each round); median and min per program. "rest" is the complete
+step's median minus the four costs: matmuls, stem, embeddings, layer scales, residuals, loss and
+AdamW.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import benchmark  # noqa: E402
@@ -62,8 +62,9 @@ JAX_IDENTITIES: dict[str, tuple[str, Callable]] = {
 }
 
 
-def jax_step(variant: str, batch: int, image_size: int, knockout: str | None) -> tuple[Callable[[], None], str]:
-    """benchmark.JaxCase's train step compiled with `knockout`'s op as the identity; (run, its HLO text)."""
+def jax_step(variant: str, batch: int, image_size: int, knockout: str | None):
+    """benchmark.JaxCase's train step compiled with `knockout`'s op as the identity; (run, the
+    compiled program)."""
     case = benchmark.JaxCase("jax-f32", variant, "float32", image_size)
     if knockout is None:
         run = case.make("train", batch)
@@ -75,7 +76,7 @@ def jax_step(variant: str, batch: int, image_size: int, knockout: str | None) ->
             run = case.make("train", batch)  # traces and compiles now, with the identity in place
         finally:
             setattr(ops, name, original)
-    return run, case.compiled["train"].as_text()
+    return run, case.compiled["train"]
 
 
 def _torch_matches(knockout: str, module) -> bool:
@@ -138,21 +139,15 @@ def main(argv=None) -> dict:
             programs[(f"torch-{mode}", label)] = torch_step(
                 args.variant, args.batch, args.image_size, knockout, compiled=mode == "compile")
 
-    keys = list(programs)
-    for key in keys:
-        programs[key]()  # warm
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
-    for r in range(args.reps):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            start = time.perf_counter()
-            programs[key]()
-            times[key].append(time.perf_counter() - start)
+    times = benchmark.interleaved_times(programs, args.reps, warmup=1)
     median = {key: statistics.median(ts) for key, ts in times.items()}
     # Paired by round: the machine drifts slowly, so a round's complete step and knocked-out step
     # share most of it; the median of those differences is steadier than a difference of medians.
-    cost = {fw: {c: paired_cost(times[(fw, "complete")], times[(fw, c)]) for c in components} for fw in frameworks}
+    quartiles = {fw: {c: paired_cost(times[(fw, "complete")], times[(fw, c)]) for c in components}
+                 for fw in frameworks}
+    cost = {fw: {c: q[1] for c, q in quartiles[fw].items()} for fw in frameworks}
     for fw in frameworks:
-        cost[fw]["rest"] = (median[(fw, "complete")] - sum(q[1] for q in cost[fw].values()),) * 3
+        cost[fw]["rest"] = median[(fw, "complete")] - sum(cost[fw].values())
 
     print(f"{args.variant} train step, batch {args.batch}, {args.image_size} px, float32; {args.reps} interleaved "
           f"rounds; {benchmark.machine_info().get('cpu', '?')}; load {os.getloadavg()[0]:.2f}\n")
@@ -166,15 +161,14 @@ def main(argv=None) -> dict:
           + "".join(f" | {fw} / jax" for fw in frameworks[1:]) + " |")
     print("|---|" + "---|" * (2 * len(frameworks) - 1))
     for c in components + ["rest"]:
-        ratios = "".join(f" | {cost[fw][c][1] / cost['jax'][c][1]:.2f}" if cost["jax"][c][1] > 0 else " | -"
+        ratios = "".join(f" | {cost[fw][c] / cost['jax'][c]:.2f}" if cost["jax"][c] > 0 else " | -"
                          for fw in frameworks[1:])
-        cells = [f"{1e3 * q[1]:.0f} [{1e3 * q[0]:.0f}, {1e3 * q[2]:.0f}]" if c != "rest" else f"{1e3 * q[1]:.0f}"
-                 for q in (cost[fw][c] for fw in frameworks)]
+        cells = [f"{1e3 * cost[fw][c]:.0f}" + (f" [{1e3 * quartiles[fw][c][0]:.0f}, {1e3 * quartiles[fw][c][2]:.0f}]"
+                                              if c != "rest" else "") for fw in frameworks]
         print(f"| {c} | " + " | ".join(cells) + ratios + " |")
     return {"median_s": {f"{fw}/{label}": s for (fw, label), s in median.items()},
-            "cost_s": {fw: {c: q[1] for c, q in costs.items()} for fw, costs in cost.items()},
-            "cost_quartiles_s": {fw: {c: (q[0], q[2]) for c, q in costs.items() if c != "rest"}
-                                 for fw, costs in cost.items()}}
+            "cost_s": cost,
+            "cost_quartiles_s": {fw: {c: (q[0], q[2]) for c, q in qs.items()} for fw, qs in quartiles.items()}}
 
 
 def paired_cost(complete: list[float], without: list[float]) -> tuple[float, float, float]:
