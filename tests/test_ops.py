@@ -502,6 +502,23 @@ def test_gelu_is_the_exact_erf_form_with_its_gradient():
     assert ops.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
+def test_gelu_gradient_recomputes_erf_rather_than_storing_it():
+    # In a train step the GELU's output feeds the next layer's kernel gradient, so its forward
+    # is kept. Differentiated automatically, XLA computes erf once and stores it for the backward
+    # (one erf in the program); the hand-written gradient computes it again from x (two).
+    def loss(weights, x, gelu):
+        return jnp.sum(gelu(x @ weights[0]) @ weights[1])
+
+    weights, x = (jnp.ones((8, 32)), jnp.ones((32, 8))), jnp.ones((4, 8))
+    for gelu, erfs in ((ops.gelu, 2), (ops._gelu_value, 1)):
+        step = jax.jit(jax.grad(loss), static_argnums=2).lower(weights, x, gelu).compile()
+        assert step.as_text().count(" erf(") == erfs, gelu
+    second = jax.vmap(jax.grad(jax.grad(ops.gelu)))(jnp.linspace(-5.0, 5.0, 11))
+    want = jax.vmap(jax.grad(jax.grad(lambda v: jax.nn.gelu(v, approximate=False))))(jnp.linspace(-5.0, 5.0, 11))
+    np.testing.assert_allclose(np.asarray(second), np.asarray(want), rtol=1e-5, atol=1e-7)
+    assert jax.grad(ops.gelu)(jnp.bfloat16(1.0)).dtype == jnp.bfloat16
+
+
 def test_drop_path_is_identity_when_deterministic():
     x = jnp.asarray(tokens((8, 4, 4, 3)))
     np.testing.assert_array_equal(ops.drop_path(x, 0.5, jax.random.key(0), deterministic=True), x)
