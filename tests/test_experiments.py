@@ -168,6 +168,35 @@ def test_component_costs_knocks_out_the_op_while_compiling_only():
     assert " erf(" in complete.as_text() and " erf(" not in without_gelu.as_text()
 
 
+def test_step_bytes_parses_hlo_shapes_and_groups_by_layer():
+    import step_bytes
+
+    assert step_bytes.shape_bytes("f32[2,3]{1,0}") == 24
+    assert step_bytes.shape_bytes("(f32[2,3]{1,0}, s32[], bf16[4]{0})") == 24 + 4 + 8
+    hlo = """HloModule m
+
+ENTRY %main (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  %f = f32[8]{0} fusion(%p, %p), kind=kLoop, calls=%c, metadata={op_name="jit(step)/jvp(SwiftFormer)/x/network_2/block_4/mul"}
+  ROOT %d = f32[8]{0} dot(%f, %p), metadata={op_name="jit(step)/transpose(jvp(SwiftFormer))/network_0/block_1/pwconv1/dot_general"}
+}
+"""
+    rows = step_bytes.entry_instructions(hlo)
+    assert [(r["name"], r["read"], r["written"]) for r in rows] == [("f", 64, 32), ("d", 64, 32)]
+    assert step_bytes.group(rows[0]["source"]) == ("forward", "x/network_*/block_*/mul")
+    assert step_bytes.group(rows[1]["source"]) == ("backward", "network_*/block_*/pwconv1/dot_general")
+
+
+def test_step_bytes_tiny_run(capsys):
+    import step_bytes
+    result = step_bytes.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--block", "network_0/block_0/"])
+    # An upper bound that counts whole operands, close to XLA's own figure for the same program.
+    assert 0.7 * result["xla_bytes"] < result["total_bytes"] < 1.5 * result["xla_bytes"]
+    assert any(key.startswith("backward ") for key in result["groups"])
+    assert any("pwconv1/dot_general" in key for key in result["groups"])
+    assert "network_0/block_0/pwconv1/dot_general" in capsys.readouterr().out
+
+
 # XS, depths (3, 3, 6, 4): 12 ConvEncoders and 4 SwiftFormerEncoders (each a LocalRepresentation, the
 # attention and an Mlp); batch norms also in the stem (2), the 3 embeddings and before the heads (1).
 @pytest.mark.parametrize("component, replaced", [("gelu", 12 + 4 + 4), ("batch_norm", 12 + 4 + 4 + 2 + 3 + 1),
@@ -202,6 +231,7 @@ def test_component_costs_tiny_run():
     ("compare_blocks", ["--reps", "-1"], "must be >= 1, got -1"),
     ("component_costs", ["--components", "gelu,softmax"], "unknown component or PyTorch mode ['softmax']"),
     ("component_costs", ["--torch", "jit"], "unknown component or PyTorch mode ['jit']"),
+    ("step_bytes", ["--task", "eval"], "invalid choice: 'eval'"),
 ])
 def test_single_program_scripts_reject_bad_flags(script, argv, message, capsys):
     module = __import__(script)
@@ -228,7 +258,7 @@ def test_script_setup_applies_xla_flags_only_to_the_main_program():
 
 
 TIMING_SCRIPTS = ("attention_scaling", "benchmark", "compare_blocks", "component_costs", "matmul_shapes",
-                  "profile_step", "time_step")
+                  "profile_step", "step_bytes", "time_step")
 
 
 @pytest.mark.parametrize("script", TIMING_SCRIPTS)
