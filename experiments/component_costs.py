@@ -12,9 +12,10 @@ A component's cost is the complete step's time minus the knocked-out step's, pai
 interaction with its neighbours included. Differences of ~100 ms against a step of ~2 s need many
 rounds on a drifting VM: read the quartiles before the medians.
 
-Compare costs within a framework. Its complete steps came out 0-20% more favourable to JAX than
-`benchmark.py`'s side-by-side timing of the same programs, for a reason not yet found
-(PERF_NOTES.md, session 7): quote `benchmark.py` for the frameworks' ratio.
+Compare costs within a framework; quote `benchmark.py` for the frameworks' ratio. Session 7's
+runs of this script came out up to 20% more favourable to JAX than `benchmark.py`; in session 8
+the two, alternated over six processes, agreed within the machine's process-to-process spread
+(PERF_NOTES.md).
 
 Components: `gelu` (every GELU), `batch_norm` (every batch norm in training: statistics,
 normalisation, their gradients), `depthwise` (the 3x3 depthwise convs), `attention` (the
