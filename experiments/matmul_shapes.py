@@ -1,11 +1,12 @@
 """The train step's 1x1-conv matmuls alone: JAX (XLA:CPU, Eigen) against PyTorch (oneDNN), same shapes.
 
-Run:  python experiments/matmul_shapes.py [--variant S] [--batch 32] [--reps 7]
+Run:  python experiments/matmul_shapes.py [--variant S] [--batch 32] [--reps 7] [--dtype bfloat16]
 
 For every stage of the variant, the two 1x1 convs of each block (C -> 4C and 4C -> C over all
 B*H*W pixels), each as the three products a train step computes: forward `x @ W`, input gradient
-`dy @ W^T` and kernel gradient `x^T @ dy`, float32. Each product is timed alone (jitted for JAX),
-the two frameworks alternating, min over `--reps`. The total weights each stage by its block count:
+`dy @ W^T` and kernel gradient `x^T @ dy`, in `--dtype` (float32, or bfloat16 operands and
+result as a bfloat16 train step has them). Each product is timed alone (jitted for JAX), the two
+frameworks alternating, min over `--reps`. The total weights each stage by its block count:
 the matmul time of one train step's blocks in each framework, which is what PERF_NOTES.md compares
 with the whole step. Stems, downsampling convs and the attention's D x D products are left out.
 """
@@ -55,8 +56,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     benchmark.add_model_arguments(parser)
     parser.add_argument("--reps", type=benchmark.positive_int, default=7)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args(argv)
     import torch
+
+    jax_dtype, torch_dtype = (jnp.bfloat16, torch.bfloat16) if args.dtype == "bfloat16" else (jnp.float32, torch.float32)
 
     spec = VARIANTS[args.variant]
     rng = np.random.default_rng(0)
@@ -68,9 +72,9 @@ def main(argv=None) -> dict:
             for name, lhs_shape, rhs_shape, jax_fn, torch_fn in products(pixels, c_in, c_out):
                 lhs = rng.standard_normal(lhs_shape, dtype=np.float32)
                 rhs = rng.standard_normal(rhs_shape, dtype=np.float32)
-                jax_args = (jnp.asarray(lhs), jnp.asarray(rhs))
+                jax_args = (jnp.asarray(lhs, jax_dtype), jnp.asarray(rhs, jax_dtype))
                 compiled = jax.jit(jax_fn).lower(*jax_args).compile()
-                torch_args = (torch.from_numpy(lhs), torch.from_numpy(rhs))
+                torch_args = (torch.from_numpy(lhs).to(torch_dtype), torch.from_numpy(rhs).to(torch_dtype))
                 run_jax = lambda: compiled(*jax_args).block_until_ready()  # noqa: E731
                 run_torch = lambda: torch_fn(*torch_args)  # noqa: E731
                 run_jax(), run_torch()
@@ -83,7 +87,7 @@ def main(argv=None) -> dict:
                 rows.append((stage, f"[{pixels}, {c_in}] -> {c_out}", name, jax_s, torch_s, 2 * pixels * c_in * c_out))
         side //= 2
 
-    print(f"SwiftFormer-{args.variant}, batch {args.batch}, {args.image_size} px, float32; jax {jax.__version__} "
+    print(f"SwiftFormer-{args.variant}, batch {args.batch}, {args.image_size} px, {args.dtype}; jax {jax.__version__} "
           f"(XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads); load {os.getloadavg()[0]:.2f}\n")
     print("| stage | 1x1 conv | product | JAX ms | JAX GFLOP/s | torch ms | torch GFLOP/s |\n|---|---|---|---|---|---|---|")
@@ -92,7 +96,7 @@ def main(argv=None) -> dict:
               f"{1e3 * torch_s:.1f} | {flops / torch_s / 1e9:.0f} |")
     print(f"\nPer train step (each stage's products times its {spec.depths} blocks): "
           f"JAX {1e3 * totals['jax']:.0f} ms, torch {1e3 * totals['torch']:.0f} ms")
-    return {"rows": rows, "totals_s": totals}
+    return {"rows": rows, "totals_s": totals, "dtype": args.dtype}
 
 
 if __name__ == "__main__":

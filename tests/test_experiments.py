@@ -135,9 +135,11 @@ def test_time_step_tiny_run():
     assert all(r["min_s"] > 0 and r["page_faults_per_call"] >= 0 for r in result.values())
 
 
-def test_matmul_shapes_tiny_run():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matmul_shapes_tiny_run(dtype):
     import matmul_shapes
-    result = matmul_shapes.main(["--variant", "XS", "--batch", "1", "--image-size", "32", "--reps", "1"])
+    result = matmul_shapes.main(["--variant", "XS", "--batch", "1", "--image-size", "32", "--reps", "1", "--dtype", dtype])
+    assert result["dtype"] == dtype
     assert len(result["rows"]) == 4 * 2 * 3  # stages x (C -> 4C, 4C -> C) x (forward, two gradients)
     assert result["rows"][0][1] == "[64, 48] -> 192"  # 32 px / 4 = 8 x 8 pixels in stage 0
     assert result["totals_s"]["jax"] > 0 and result["totals_s"]["torch"] > 0
