@@ -332,8 +332,8 @@ def gelu(x: jax.Array) -> jax.Array:
     The gradient is written by hand (`jax.custom_vjp`) so that training keeps only `x`: the
     backward recomputes erf from it. Differentiated automatically, XLA shares the one erf
     between the two directions and stores it, an extra tensor of the MLP's hidden width (4x the
-    block's) written and read back twice: 2.1 GB of the S train step's 24 GB of memory traffic
-    and 525 of its 3135 MB of XLA temp memory (PERF_NOTES.md, session 8). Forward-mode
+    block's) written once and read back twice: 2.1 GB of the S train step's 24 GB of memory
+    traffic and 525 of its 3135 MB of XLA temp memory (PERF_NOTES.md, session 8). Forward-mode
     differentiation (`jax.jvp`) does not pass through a custom VJP.
     """
     return _gelu_value(x)
