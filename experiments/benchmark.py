@@ -114,6 +114,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch: int = 32) -> Non
     parser.add_argument("--image-size", type=positive_int, default=224)
 
 
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """--dtype, the compute dtype of the single-program scripts (profile_step, step_bytes,
+    matmul_shapes): float32 (the default) or bfloat16."""
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+
+
 def _choose(text: str, valid: tuple[str, ...], what: str, upper: bool = False) -> tuple[str, ...]:
     """Parse a comma list against `valid` ('all' for every one); exit with the valid names if not."""
     if text.strip().lower() == "all":

@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     benchmark.add_model_arguments(parser)
     parser.add_argument("--reps", type=benchmark.positive_int, default=7)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    benchmark.add_dtype_argument(parser)
     args = parser.parse_args(argv)
     import torch
 
@@ -96,7 +96,9 @@ def main(argv=None) -> dict:
               f"{1e3 * torch_s:.1f} | {flops / torch_s / 1e9:.0f} |")
     print(f"\nPer train step (each stage's products times its {spec.depths} blocks): "
           f"JAX {1e3 * totals['jax']:.0f} ms, torch {1e3 * totals['torch']:.0f} ms")
-    return {"rows": rows, "totals_s": totals, "dtype": args.dtype}
+    # The operands' dtypes as the last products were timed with them (the tests read these).
+    operand_dtypes = {"jax": str(jax_args[0].dtype), "torch": str(torch_args[0].dtype)}
+    return {"rows": rows, "totals_s": totals, "dtype": args.dtype, "operand_dtypes": operand_dtypes}
 
 
 if __name__ == "__main__":

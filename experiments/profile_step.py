@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=("train", "inference"), default="train")
     benchmark.add_model_arguments(parser)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    benchmark.add_dtype_argument(parser)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=benchmark.positive_int, default=2, help="traced calls (the sums are per call)")
     parser.add_argument("--top", type=benchmark.positive_int, default=25, help="how many single thunks to list")

@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=("train", "inference"), default="train")
     benchmark.add_model_arguments(parser)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    benchmark.add_dtype_argument(parser)
     parser.add_argument("--top", type=benchmark.positive_int, default=30, help="how many groups to list")
     parser.add_argument("--block", help="also list every instruction whose source contains this, e.g. network_0/block_0/")
     args = parser.parse_args(argv)
@@ -96,9 +96,7 @@ def main(argv=None) -> dict:
     if not rows:
         raise RuntimeError("found no working instruction in the compiled program's entry computation")
     total = sum(row["read"] + row["written"] for row in rows)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_bytes = float(cost.get("bytes accessed", 0.0))
+    xla_bytes = case.analysis[args.task]["bytes_accessed"]  # XLA's cost analysis, taken by JaxCase
     groups: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0, 0])
     for row in rows:
         entry = groups[group(row["source"])]

@@ -340,7 +340,12 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 def _gelu_value(x: jax.Array) -> jax.Array:
-    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+    return 0.5 * x * (1.0 + _erf_of_scaled(x))
+
+
+def _erf_of_scaled(x: jax.Array) -> jax.Array:
+    """erf(x / sqrt 2): the normal CDF is (1 + this) / 2."""
+    return jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype))
 
 
 def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -351,7 +356,7 @@ def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
     # The barrier keeps XLA from merging this erf with the forward's (common subexpressions),
     # which would store it again.
     x = jax.lax.optimization_barrier(x)
-    cdf = 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+    cdf = 0.5 * (1.0 + _erf_of_scaled(x))
     pdf = jnp.asarray(_INV_SQRT_2PI, x.dtype) * jnp.exp(-0.5 * x * x)
     return (g * (cdf + x * pdf),)
 

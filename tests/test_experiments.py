@@ -140,6 +140,7 @@ def test_matmul_shapes_tiny_run(dtype):
     import matmul_shapes
     result = matmul_shapes.main(["--variant", "XS", "--batch", "1", "--image-size", "32", "--reps", "1", "--dtype", dtype])
     assert result["dtype"] == dtype
+    assert result["operand_dtypes"] == {"jax": dtype, "torch": f"torch.{dtype}"}
     assert len(result["rows"]) == 4 * 2 * 3  # stages x (C -> 4C, 4C -> C) x (forward, two gradients)
     assert result["rows"][0][1] == "[64, 48] -> 192"  # 32 px / 4 = 8 x 8 pixels in stage 0
     assert result["totals_s"]["jax"] > 0 and result["totals_s"]["torch"] > 0
