@@ -95,6 +95,10 @@ def main(argv=None) -> dict:
     rows = entry_instructions(compiled.as_text())
     if not rows:
         raise RuntimeError("found no working instruction in the compiled program's entry computation")
+    in_block = [row for row in rows if args.block and args.block in row["source"]]
+    if args.block and not in_block:
+        parser.error(f"--block {args.block!r}: no instruction's source contains it; sources read like "
+                     f"{next((r['source'] for r in rows if 'block_0' in r['source']), rows[0]['source'])!r}")
     total = sum(row["read"] + row["written"] for row in rows)
     xla_bytes = case.analysis[args.task]["bytes_accessed"]  # XLA's cost analysis, taken by JaxCase
     groups: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0, 0])
@@ -116,10 +120,9 @@ def main(argv=None) -> dict:
               f"{100 * moved / total:.1f}% |")
     if args.block:
         print(f"\n| instruction | opcode | MB read | MB written | source |\n|---|---|---|---|---|")
-        for row in rows:
-            if args.block in row["source"]:
-                print(f"| `{row['name']}` | {row['opcode']} | {row['read'] / 1e6:.0f} | {row['written'] / 1e6:.0f} | "
-                      f"{row['source'][-90:]} |")
+        for row in in_block:
+            print(f"| `{row['name']}` | {row['opcode']} | {row['read'] / 1e6:.0f} | {row['written'] / 1e6:.0f} | "
+                  f"{row['source'][-90:]} |")
     return {"total_bytes": total, "xla_bytes": xla_bytes,
             "groups": {f"{d} {p}": moved for (d, p), (moved, _, _) in groups.items()}}
 

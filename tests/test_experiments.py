@@ -199,6 +199,10 @@ def test_step_bytes_tiny_run(capsys):
     assert any("pwconv1/dot_general" in key for key in result["groups"])
     assert "network_0/block_0/pwconv1/dot_general" in capsys.readouterr().out
 
+    with pytest.raises(SystemExit):  # a --block that names nothing in the program is an error, not an empty table
+        step_bytes.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--block", "network_9/"])
+    assert "--block 'network_9/': no instruction's source contains it" in capsys.readouterr().err
+
 
 # XS, depths (3, 3, 6, 4): 12 ConvEncoders and 4 SwiftFormerEncoders (each a LocalRepresentation, the
 # attention and an Mlp); batch norms also in the stem (2), the 3 embeddings and before the heads (1).
