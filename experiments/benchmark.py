@@ -1,21 +1,31 @@
 """SwiftFormer speed, JAX against PyTorch, measured side by side in one run.
 
 Run:  python experiments/benchmark.py [--variants S] [--configs all] [--tag cpu]
+GPU:  python experiments/benchmark.py --device gpu --variants all --batch 256 --train-batch 128 --tag gpu
 Tiny: python experiments/benchmark.py --image-size 64 --batch 2 --train-batch 2 --reps 2 \
           --configs jax-f32,torch-eager-f32 --skip-peaks --tag smoke --output-dir /tmp/out
+Redo the table and plot of a saved run (after a change to what is derived; nothing is timed):
+      python experiments/benchmark.py --render-only --tag cpu
 
 What is measured, per variant and per configuration (framework x dtype x execution mode):
 - inference latency at batch 1 (ms per call), inference throughput at `--batch` (images/s);
 - training throughput at `--train-batch` (images/s): forward, label-smoothed cross-entropy on both
   heads, backward, AdamW step (lr 1e-3, weight decay 0.025 on every tensor, both frameworks);
-- peak memory: the peak rise of the memory in use (glibc's malloc statistics, where both
-  frameworks allocate) during one call, sampled every millisecond by a thread (the same yardstick
-  for both frameworks; see `MemoryPeak`); for JAX also XLA's compiled memory analysis (temp +
-  output + argument bytes: deterministic);
+- peak memory: the peak rise of the memory in use during one call, sampled every millisecond by a
+  thread (see `MemoryPeak`): on the CPU glibc's malloc statistics, where both frameworks allocate;
+  on a GPU each framework's device allocator (JAX's `memory_stats`, `torch.cuda.memory_allocated`);
+  for JAX also XLA's compiled memory analysis (temp + output + argument bytes: deterministic);
 - for JAX, XLA's cost analysis of the compiled programs (FLOPs and bytes accessed per image), next
   to the paper's GMACs, and each configuration's throughput as a fraction of the machine's measured
-  peaks (a large float32 matmul for FLOP/s, a large array copy for bandwidth; see `machine_peaks`).
-  The PyTorch runs do the same arithmetic, so the same per-image figures are used for them.
+  peaks (a large matmul for FLOP/s, a large array copy for bandwidth; see `machine_peaks`). The
+  PyTorch runs do the same arithmetic, so the same per-image FLOPs are used for them; bfloat16
+  configurations are counted with the bfloat16 program's bytes and against the bfloat16 matmul
+  peak (see `derive`).
+
+Device (`--device`): the CPU, or one GPU for both frameworks (JAX's default device, PyTorch's
+"cuda"; each PyTorch call ends with `torch.cuda.synchronize()`, each JAX call with
+`block_until_ready`). The GPU path was written without a GPU to run it on (none was lent to this
+project so far): the first run on one is its first test.
 
 How: every configuration is built and warmed up first; then the timed calls go round-robin over
 the configurations (one call each per round), so load from other processes on a shared machine
@@ -56,6 +66,7 @@ CONFIGS = (
     "torch-eager-f32", "torch-eager-bf16", "torch-compile-f32", "torch-compile-bf16",
 )
 TASKS = ("latency", "inference", "train")
+DEVICES = ("auto", "cpu", "gpu")
 LABEL_SMOOTHING = 0.1
 LR, WEIGHT_DECAY = 1e-3, 0.025
 
@@ -81,6 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-peaks", action="store_true", help="skip measuring the machine's FLOP/s and bandwidth")
     p.add_argument("--keep-ynn-fusion", action="store_true",
                    help="keep XLA:CPU's default YNNPACK fusions (default: reduce fusions only, see swiftformer_jax/xla_flags.py)")
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="auto: the GPU when JAX's default backend is one, else the CPU (see resolve_device)")
+    p.add_argument("--render-only", action="store_true",
+                   help="time nothing: derive the figures, table and plot again from the saved benchmark_<tag>.json")
     p.add_argument("--output-dir", default=str(HERE / "results"))
     p.add_argument("--tag", default="cpu", help="results go to benchmark_<tag>.{json,md,png}")
     args = p.parse_args(argv)
@@ -131,13 +146,35 @@ def _choose(text: str, valid: tuple[str, ...], what: str, upper: bool = False) -
     return chosen
 
 
+def resolve_device(requested: str, jax_backend: str, torch_has_cuda: bool) -> str:
+    """"cpu" or "gpu": where both frameworks run, or SystemExit naming why that cannot be.
+
+    JAX runs on its default backend, so the choice follows it; a PyTorch without CUDA beside a JAX
+    on a GPU is an error, not a fallback: the two would be timed on different hardware.
+    """
+    if requested not in DEVICES:
+        raise SystemExit(f"--device must be one of {', '.join(DEVICES)}, got {requested!r}")
+    device = ("gpu" if jax_backend == "gpu" else "cpu") if requested == "auto" else requested
+    if device == "gpu" and jax_backend != "gpu":
+        raise SystemExit(f"--device gpu: JAX's default backend is {jax_backend!r}, not a GPU "
+                         "(a CUDA jaxlib and a visible GPU are needed)")
+    if device == "gpu" and not torch_has_cuda:
+        raise SystemExit("--device gpu: JAX runs on the GPU but torch.cuda.is_available() is False; "
+                         "install a CUDA PyTorch, or set JAX_PLATFORMS=cpu to time both on the CPU")
+    if device == "cpu" and jax_backend != "cpu":
+        raise SystemExit(f"--device cpu: JAX's default backend is {jax_backend!r}; set JAX_PLATFORMS=cpu "
+                         "so JAX runs on the CPU too")
+    return device
+
+
 # ------------------------------------------------------------------------------------------------
 # The machine
 # ------------------------------------------------------------------------------------------------
 
 
-def machine_info() -> dict:
-    """CPU model, cores, memory and library versions: what a reader needs to compare numbers."""
+def machine_info(device: str = "cpu") -> dict:
+    """CPU model, cores, memory, the GPU if one is used, and library versions: what a reader needs
+    to compare numbers."""
     import torch
     import flax
     import transformers
@@ -153,7 +190,16 @@ def machine_info() -> dict:
     except OSError:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
+    accelerator = {}
+    if device == "gpu":
+        accelerator = {
+            "gpu": jax.devices()[0].device_kind, "gpu_torch": torch.cuda.get_device_name(0),
+            # float32 matmuls and convolutions may run as TF32 on recent GPUs: how each framework is set.
+            "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+            "torch_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "torch_cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        }
+    return {"device": device, **accelerator,
         "cpu": cpu, "simd_flags": flags, "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)), "memory_gib": round(mem_gib, 1),
         "platform": platform.platform(), "python": platform.python_version(),
@@ -162,7 +208,7 @@ def machine_info() -> dict:
         "transformers": transformers.__version__, "numpy": np.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-        "memory_measure": MemoryPeak.MEASURE,
+        "memory_measure": MemoryPeak.MEASURE if device == "cpu" else DEVICE_MEMORY_MEASURE,
         "malloc": host_allocator.status,  # glibc settings, shared by both frameworks in this process
     }
 
@@ -171,24 +217,30 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def machine_peaks(reps: int = 7) -> dict:
-    """Measured peak float32 FLOP/s (matmul) and memory bandwidth (array copy) of this machine.
+def machine_peaks(reps: int = 7, device: str = "cpu") -> dict:
+    """Measured peak FLOP/s (matmul) and memory bandwidth (array copy) of this machine, or its GPU.
 
-    FLOP/s: a 4096 x 4096 float32 matmul (2 * n**3 FLOPs), through jax.jit and through torch, best
-    of the two medians (both use every core). Bandwidth: copying a 512 MiB float32 array into an
-    existing one (counted as 2 x 512 MiB moved: one read, one write) with torch's multithreaded
-    `copy_` and numpy's `copyto`, best of the two medians. Both are medians, so they are what the
-    machine gives under its current load, like the model timings.
+    FLOP/s: a 4096 x 4096 matmul (2 * n**3 FLOPs) in float32 and in bfloat16, through jax.jit and
+    through torch, best of the two medians per dtype (both use every core). Bandwidth: copying a
+    512 MiB float32 array into an existing one (counted as 2 x 512 MiB moved: one read, one write)
+    with torch's multithreaded `copy_` and numpy's `copyto`, best of the two medians. Both are
+    medians, so they are what the machine gives under its current load, like the model timings. On
+    a GPU (`gpu_peaks`): float32 and bfloat16 matmuls and a device-to-device copy.
     """
+    if device == "gpu":
+        return gpu_peaks(reps)
     import torch
 
     n = 4096
     a = jnp.asarray(np.random.RandomState(0).standard_normal((n, n)).astype(np.float32))
     mm = jax.jit(lambda x: x @ x)
-    ta = torch.from_numpy(np.asarray(a))
+    ta = torch.from_numpy(np.array(a))  # a writable copy: torch warns on read-only numpy memory
     flops = 2.0 * n**3
     jax_s = _median_time(lambda: mm(a).block_until_ready(), reps)
     torch_s = _median_time(lambda: torch.mm(ta, ta), reps)
+    a16, ta16 = a.astype(jnp.bfloat16), ta.to(torch.bfloat16)
+    jax16_s = _median_time(lambda: mm(a16).block_until_ready(), reps)
+    torch16_s = _median_time(lambda: torch.mm(ta16, ta16), reps)
 
     count = 512 * 2**20 // 4
     src = np.random.RandomState(1).standard_normal(count).astype(np.float32)
@@ -200,9 +252,44 @@ def machine_peaks(reps: int = 7) -> dict:
     return {
         "matmul_gflops": {"jax": flops / jax_s / 1e9, "torch": flops / torch_s / 1e9},
         "peak_gflops": flops / min(jax_s, torch_s) / 1e9,
+        "matmul_gflops_bf16": {"jax": flops / jax16_s / 1e9, "torch": flops / torch16_s / 1e9},
+        "peak_gflops_bf16": flops / min(jax16_s, torch16_s) / 1e9,
         "copy_gbs": {"numpy": moved / np_s / 1e9, "torch": moved / torch_copy_s / 1e9},
         "peak_gbs": moved / min(np_s, torch_copy_s) / 1e9,
-        "how": "float32 4096^3 matmul (2n^3 FLOPs), 512 MiB copy counted as read+write; best of jax/torch medians",
+        "how": "4096^3 matmuls in float32 and bfloat16 (2n^3 FLOPs), 512 MiB float32 copy counted as "
+               "read+write; best of jax/torch medians",
+    }
+
+
+def gpu_peaks(reps: int = 7) -> dict:
+    """The GPU's peaks: 8192^3 matmuls in float32 and bfloat16 (JAX and torch, synchronised), and a
+    1 GiB float32 array written from another on the device (counted as read + write)."""
+    import torch
+
+    n = 8192
+    flops = 2.0 * n**3
+    matmul = {}
+    for dtype, jdt, tdt in (("float32", jnp.float32, torch.float32), ("bfloat16", jnp.bfloat16, torch.bfloat16)):
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jdt)
+        ta = torch.randn(n, n, device="cuda", dtype=tdt)
+        mm = jax.jit(lambda x: x @ x)
+        jax_s = _median_time(lambda: mm(a).block_until_ready(), reps)
+        torch_s = _median_time(lambda: (torch.mm(ta, ta), torch.cuda.synchronize()), reps)
+        matmul[dtype] = {"jax": flops / jax_s / 1e9, "torch": flops / torch_s / 1e9}
+    count = 2**30 // 4
+    src = jnp.ones((count,), jnp.float32)
+    plus_one = jax.jit(lambda x: x + 1.0)  # not x * 1.0, which XLA may return uncopied
+    tsrc, tdst = torch.ones(count, device="cuda"), torch.empty(count, device="cuda")
+    moved = 2.0 * count * 4
+    jax_copy_s = _median_time(lambda: plus_one(src).block_until_ready(), reps)
+    torch_copy_s = _median_time(lambda: (tdst.copy_(tsrc), torch.cuda.synchronize()), reps)
+    return {
+        "matmul_gflops": matmul["float32"], "peak_gflops": max(matmul["float32"].values()),
+        "matmul_gflops_bf16": matmul["bfloat16"], "peak_gflops_bf16": max(matmul["bfloat16"].values()),
+        "copy_gbs": {"jax": moved / jax_copy_s / 1e9, "torch": moved / torch_copy_s / 1e9},
+        "peak_gbs": moved / min(jax_copy_s, torch_copy_s) / 1e9,
+        "how": "8192^3 matmuls in float32 and bfloat16 (2n^3 FLOPs), 1 GiB float32 device copy counted as "
+               "read+write; best of jax/torch medians",
     }
 
 
@@ -236,14 +323,15 @@ class MemoryPeak:
     or the resident set where that is not available. Not RSS alone: with `host_allocator` freed
     memory stays resident, so the RSS no longer rises during a call. Sampled from a thread (both
     frameworks release the GIL while computing); a lower bound, a spike shorter than the interval
-    can be missed. `MEASURE` names which one is used.
+    can be missed. `MEASURE` names which one is used. On a GPU, `read` is the framework's device
+    allocator (`device_memory_reader`).
     """
 
     MEASURE = "glibc malloc bytes in use (mallinfo2)" if _MALLOC_IN_USE else "resident set size"
 
-    def __init__(self, interval: float = 0.001):
+    def __init__(self, interval: float = 0.001, read: Callable[[], int] | None = None):
         self.interval = interval
-        self.read = _MALLOC_IN_USE or _rss
+        self.read = read or _MALLOC_IN_USE or _rss
         self.peak_bytes = 0
 
     def _sample(self) -> None:
@@ -265,6 +353,20 @@ class MemoryPeak:
         self._peak = max(self._peak, self.read())
         self.peak_bytes = self._peak - self._start
         return False
+
+
+DEVICE_MEMORY_MEASURE = ("device memory in use: JAX memory_stats()['bytes_in_use'], "
+                         "PyTorch torch.cuda.memory_allocated()")
+
+
+def device_memory_reader(framework: str) -> Callable[[], int]:
+    """Bytes in use on the GPU by one framework's allocator, for `MemoryPeak(read=...)`."""
+    if framework == "jax":
+        device = jax.devices()[0]
+        return lambda: int(device.memory_stats()["bytes_in_use"])
+    import torch
+
+    return torch.cuda.memory_allocated
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,15 +465,19 @@ class JaxCase:
 
 
 class TorchCase:
-    """HF SwiftFormer (version-2 attention) eager or under torch.compile, float32 or bf16 autocast."""
+    """HF SwiftFormer (version-2 attention) eager or under torch.compile, float32 or bf16 autocast,
+    on the CPU or on "cuda" (`device` "gpu"), each call synchronised."""
 
     framework = "torch"
 
-    def __init__(self, name: str, variant: str, dtype: str, compiled: bool, image_size: int, memory_format: str):
+    def __init__(self, name: str, variant: str, dtype: str, compiled: bool, image_size: int, memory_format: str,
+                 device: str = "cpu"):
         import torch
         import torch_reference_model as trm
 
         self.torch, self.trm = torch, trm
+        self.device = "cuda" if device == "gpu" else "cpu"
+        self._sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
         self.name, self.variant, self.dtype, self.compiled = name, variant, dtype, compiled
         self.image_size, self.requested_format = image_size, memory_format
         self.model = trm.build(variant)
@@ -383,17 +489,22 @@ class TorchCase:
 
     def _inputs(self, batch: int, fmt: str):
         x = self.torch.from_numpy(_images(batch, self.image_size)).permute(0, 3, 1, 2)
-        return x.contiguous(memory_format=self._format(fmt))
+        return x.to(self.device).contiguous(memory_format=self._format(fmt))
+
+    def _model(self, fmt: str, train: bool):
+        model = copy.deepcopy(self.model).to(self.device, memory_format=self._format(fmt))
+        return model.train() if train else model.eval()
 
     def _infer_fn(self, batch: int, fmt: str) -> Callable[[], None]:
         torch = self.torch
-        model = copy.deepcopy(self.model).to(memory_format=self._format(fmt)).eval()
+        model = self._model(fmt, train=False)
         forward = torch.compile(model, dynamic=False) if self.compiled else model
         x = self._inputs(batch, fmt)
 
         def run() -> None:
-            with torch.inference_mode(), self.trm.autocast(self.dtype):
+            with torch.inference_mode(), self.trm.autocast(self.dtype, self.device):
                 forward(x)
+            self._sync()
 
         return run
 
@@ -427,19 +538,26 @@ class TorchCase:
         if task != "train":
             return self._infer_fn(batch, self.memory_format)
         torch = self.torch
-        model = copy.deepcopy(self.model).to(memory_format=self._format(self.memory_format)).train()
+        model = self._model(self.memory_format, train=True)
         forward = torch.compile(model, dynamic=False) if self.compiled else model
-        step = self.trm.make_train_step(model, forward, self.dtype, lr=LR, weight_decay=WEIGHT_DECAY)
+        step = self.trm.make_train_step(model, forward, self.dtype, lr=LR, weight_decay=WEIGHT_DECAY,
+                                        device_type=self.device)
         x = self._inputs(batch, self.memory_format)
-        labels = torch.from_numpy(_labels(batch))
-        return lambda: step(x, labels)
+        labels = torch.from_numpy(_labels(batch)).to(self.device)
+
+        def run() -> None:
+            step(x, labels)
+            self._sync()
+
+        return run
 
 
 def make_case(name: str, variant: str, args) -> JaxCase | TorchCase:
     dtype = "bfloat16" if "bf16" in name else "float32"
     if name.startswith("jax-"):
         return JaxCase(name, variant, dtype, args.image_size)
-    return TorchCase(name, variant, dtype, "compile" in name, args.image_size, args.torch_memory_format)
+    return TorchCase(name, variant, dtype, "compile" in name, args.image_size, args.torch_memory_format,
+                     getattr(args, "device", "cpu"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -466,16 +584,18 @@ def interleaved_times(fns: dict[Hashable, Callable[[], None]], reps: int, warmup
     return times
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int) -> dict[str, dict]:
+def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int,
+                     memory_reads: dict[str, Callable[[], int]] | None = None) -> dict[str, dict]:
     """`interleaved_times`' median, min and max per callable, plus the peak memory rise over
-    `MEMORY_CALLS` extra calls per configuration (`MemoryPeak`)."""
+    `MEMORY_CALLS` extra calls per configuration (`MemoryPeak`, reading `memory_reads[name]` where
+    given: a GPU allocator)."""
     times = interleaved_times(fns, reps, warmup)
     names = list(fns)
     out = {}
     for name in names:
         rises = []
         for _ in range(MEMORY_CALLS):
-            with MemoryPeak() as memory:
+            with MemoryPeak(read=(memory_reads or {}).get(name)) as memory:
                 fns[name]()
             rises.append(memory.peak_bytes)
         ts = times[name]
@@ -496,9 +616,10 @@ def run_benchmark(args) -> dict:
     import torch
 
     torch.set_num_threads(args.torch_threads or len(os.sched_getaffinity(0)))
-    results = {"machine": machine_info(), "settings": _settings(args), "load_average_start": load_average()}
+    args.device = resolve_device(args.device, jax.default_backend(), torch.cuda.is_available())
+    results = {"machine": machine_info(args.device), "settings": _settings(args), "load_average_start": load_average()}
     if not args.skip_peaks:
-        results["peaks"] = machine_peaks()
+        results["peaks"] = machine_peaks(device=args.device)
         _log(f"machine peaks: {results['peaks']['peak_gflops']:.0f} GFLOP/s, {results['peaks']['peak_gbs']:.1f} GB/s")
     results["variants"] = {}
     for variant in args.variants:
@@ -518,7 +639,9 @@ def run_benchmark(args) -> dict:
                 fns[name]()  # first call: compilation for torch.compile, any lazy setup
                 _log(f"  ready in {time.perf_counter() - t0:.1f} s")
             load_before = load_average()
-            timed = time_interleaved(fns, args.reps or DEFAULT_REPS[task], args.warmup)
+            reads = ({name: device_memory_reader(case.framework) for name, case in cases.items()}
+                     if args.device == "gpu" else None)
+            timed = time_interleaved(fns, args.reps or DEFAULT_REPS[task], args.warmup, reads)
             for stats in timed.values():
                 stats["images_per_s"] = batch / stats["median_s"]
                 stats["images_per_s_min"] = batch / stats["max_s"]
@@ -568,34 +691,54 @@ def _log(msg: str) -> None:
 def derive(results: dict) -> None:
     """Per configuration: speed relative to torch eager float32, and fractions of machine peaks.
 
-    FLOPs and bytes per image come from XLA's cost analysis of the float32 JAX programs (same
-    arithmetic for every configuration); the bf16 ones are listed separately in the analysis.
+    FLOPs per image come from XLA's cost analysis of the float32 JAX program (the arithmetic, the
+    same in every configuration; a bfloat16 program's count adds its conversions), bytes per image
+    from the JAX program of the configuration's dtype (`bytes_program`): bfloat16 moves fewer.
+    bfloat16 configurations are compared with the bfloat16 matmul peak, float32 ones with the
+    float32 peak; a saved run from before the bfloat16 peak was measured (2026-11-22) has only the
+    float32 one, and its table says so.
     """
     peaks = results.get("peaks")
     for variant, vres in results["variants"].items():
-        f32 = vres["analysis"].get("jax-f32", {})
         for task, tres in vres["tasks"].items():
             ref = tres["results"].get("torch-eager-f32")
-            cost = f32.get(task if task != "latency" else "latency")
             for name, stats in tres["results"].items():
                 if ref:
                     stats["speedup_vs_torch_eager_f32"] = ref["median_s"] / stats["median_s"]
-                if cost and peaks:
-                    per_image_flops = cost["flops"] / cost["batch"]
+                flops = vres["analysis"].get("jax-f32", {}).get(task)
+                cost, bytes_from = bytes_program(name, task, vres["analysis"])
+                if flops and cost and peaks:
+                    bf16 = "bf16" in name and "peak_gflops_bf16" in peaks
+                    peak_gflops = peaks["peak_gflops_bf16"] if bf16 else peaks["peak_gflops"]
+                    per_image_flops = flops["flops"] / flops["batch"]
                     per_image_bytes = cost["bytes_accessed"] / cost["batch"]
+                    stats["bytes_from"] = bytes_from
                     stats["achieved_gflops"] = per_image_flops * stats["images_per_s"] / 1e9
-                    stats["fraction_of_peak_flops"] = stats["achieved_gflops"] / peaks["peak_gflops"]
+                    stats["fraction_of_peak_flops"] = stats["achieved_gflops"] / peak_gflops
                     stats["achieved_gbs"] = per_image_bytes * stats["images_per_s"] / 1e9
                     stats["fraction_of_peak_bandwidth"] = stats["achieved_gbs"] / peaks["peak_gbs"]
 
 
+def bytes_program(name: str, task: str, analysis: dict) -> tuple[dict | None, str]:
+    """(XLA's counts for `task`, the JAX configuration they come from) whose bytes configuration
+    `name` is measured with: jax-bf16's for a bfloat16 configuration when it was built, else jax-f32's."""
+    for source in (("jax-bf16", "jax-f32") if "bf16" in name else ("jax-f32",)):
+        cost = analysis.get(source, {}).get(task)
+        if isinstance(cost, dict) and "flops" in cost:
+            return cost, source
+    return None, ""
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
+    gpu = (f" GPU: {m.get('gpu')} (PyTorch: {m.get('gpu_torch')}); float32 matmul precision: JAX "
+           f"{m.get('jax_default_matmul_precision')}, PyTorch allow_tf32 matmul {m.get('torch_matmul_allow_tf32')} / "
+           f"cuDNN {m.get('torch_cudnn_allow_tf32')}." if m.get("device") == "gpu" else "")
     lines = [
         "# SwiftFormer benchmark: JAX vs PyTorch (measured side by side, interleaved)",
         "",
         f"Machine: {m['cpu']}, {m['usable_cores']} usable cores ({m['logical_cores']} logical), "
-        f"{m['memory_gib']} GiB; {m['platform']}.",
+        f"{m['memory_gib']} GiB; {m['platform']}.{gpu}",
         f"Versions: jax {m['jax']} ({m['jax_backend']}), flax {m['flax']}, optax {m['optax']}, "
         f"torch {m['torch']} ({m['torch_threads']} threads, OMP_WAIT_POLICY={m.get('omp_wait_policy')}), transformers {m['transformers']}, numpy {m['numpy']}.",
         f"XLA_FLAGS={m.get('xla_flags', '')!r}; host allocator (both frameworks): {m.get('malloc', 'unknown')}.",
@@ -606,10 +749,15 @@ def markdown(results: dict) -> str:
     ]
     if "peaks" in results:
         p = results["peaks"]
-        lines += [f"Measured machine peaks: {p['peak_gflops']:.0f} GFLOP/s float32 (matmul: jax "
-                  f"{p['matmul_gflops']['jax']:.0f}, torch {p['matmul_gflops']['torch']:.0f}), "
-                  f"{p['peak_gbs']:.1f} GB/s copy bandwidth (numpy {p['copy_gbs']['numpy']:.1f}, "
-                  f"torch {p['copy_gbs']['torch']:.1f}); {p['how']}."]
+
+        def each(figures: dict) -> str:
+            return ", ".join(f"{k} {v:.1f}" if v < 100 else f"{k} {v:.0f}" for k, v in figures.items())
+
+        bf16 = (f", {p['peak_gflops_bf16']:.0f} GFLOP/s bfloat16 (matmul: {each(p['matmul_gflops_bf16'])})"
+                if "peak_gflops_bf16" in p else "")
+        lines += [f"Measured machine peaks: {p['peak_gflops']:.0f} GFLOP/s float32 (matmul: "
+                  f"{each(p['matmul_gflops'])}){bf16}, {p['peak_gbs']:.1f} GB/s copy bandwidth "
+                  f"({each(p['copy_gbs'])}); {p['how']}."]
     for variant, vres in results["variants"].items():
         lines += ["", f"## SwiftFormer-{variant}", ""]
         header = "| config | memory format |"
@@ -643,26 +791,32 @@ def markdown(results: dict) -> str:
 def _analysis_lines(variant: str, vres: dict, results: dict) -> list[str]:
     out = []
     paper = results.get("paper", {}).get(variant, {})
-    f32 = vres["analysis"].get("jax-f32", {})
-    if f32:
-        out += ["", f"XLA cost analysis (jax-f32; paper: {paper.get('gmacs', '?')} GMACs per image = "
+    programs = [(n, vres["analysis"][n]) for n in ("jax-f32", "jax-bf16") if vres["analysis"].get(n)]
+    if programs:
+        out += ["", f"XLA cost analysis (paper: {paper.get('gmacs', '?')} GMACs per image = "
                 f"{2 * paper.get('gmacs', float('nan')):.1f} GFLOP):", "",
-                "| program | batch | GFLOP per image | GB accessed per image | XLA temp+output MiB |",
-                "|---|---|---|---|---|"]
-        for task, a in f32.items():
-            if not isinstance(a, dict) or "flops" not in a:
-                continue
-            mem = a.get("xla_memory", {})
-            out.append(f"| {task} | {a['batch']} | {a['flops'] / a['batch'] / 1e9:.2f} | "
-                       f"{a['bytes_accessed'] / a['batch'] / 1e9:.3f} | "
-                       f"{(mem.get('temp', 0) + mem.get('output', 0)) / 2**20:.0f} |")
+                "| program | config | batch | GFLOP per image | GB accessed per image | XLA temp+output MiB |",
+                "|---|---|---|---|---|---|"]
+        for config, analysis in programs:
+            for task, a in analysis.items():
+                if not isinstance(a, dict) or "flops" not in a:
+                    continue
+                mem = a.get("xla_memory", {})
+                out.append(f"| {task} | {config} | {a['batch']} | {a['flops'] / a['batch'] / 1e9:.2f} | "
+                           f"{a['bytes_accessed'] / a['batch'] / 1e9:.3f} | "
+                           f"{(mem.get('temp', 0) + mem.get('output', 0)) / 2**20:.0f} |")
     if "peaks" in results:
-        out += ["", "Fraction of machine peaks (FLOP/s and bandwidth implied by the XLA float32 counts):", "",
-                "| config | task | GFLOP/s | of peak FLOP/s | GB/s | of peak bandwidth |", "|---|---|---|---|---|---|"]
+        peak_note = ("bfloat16 configurations against the bfloat16 matmul peak"
+                     if "peak_gflops_bf16" in results["peaks"] else "all against the float32 matmul peak")
+        out += ["", "Fraction of machine peaks (FLOPs from XLA's count for the float32 JAX program, bytes from "
+                f"its count for the JAX program named in 'bytes from'; {peak_note}):", "",
+                "| config | task | bytes from | GFLOP/s | of peak FLOP/s | GB/s | of peak bandwidth |",
+                "|---|---|---|---|---|---|---|"]
         for task, tres in vres["tasks"].items():
             for name, s in tres["results"].items():
                 if "achieved_gflops" in s:
-                    out.append(f"| {name} | {task} | {s['achieved_gflops']:.1f} | {100 * s['fraction_of_peak_flops']:.1f}% | "
+                    out.append(f"| {name} | {task} | {s['bytes_from']} | {s['achieved_gflops']:.1f} | "
+                               f"{100 * s['fraction_of_peak_flops']:.1f}% | "
                                f"{s['achieved_gbs']:.1f} | {100 * s['fraction_of_peak_bandwidth']:.1f}% |")
     return out
 
@@ -694,7 +848,8 @@ def plot(results: dict, path: pathlib.Path) -> None:
         ax.set_title(f"{task} throughput, batch {batch}")
         ax.legend(fontsize=7)
     m = results["machine"]
-    fig.suptitle(f"{m['cpu']}, {m['usable_cores']} cores; load {results['load_average_start']}", fontsize=9)
+    where = m["gpu"] if m.get("device") == "gpu" else f"{m['cpu']}, {m['usable_cores']} cores"
+    fig.suptitle(f"{where}; load {results['load_average_start']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -703,10 +858,16 @@ def plot(results: dict, path: pathlib.Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = pathlib.Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = run_benchmark(args)
-    derive(results)
     stem = out_dir / f"benchmark_{args.tag}"
+    if args.render_only:
+        saved = stem.with_suffix(".json")
+        if not saved.is_file():
+            raise SystemExit(f"--render-only: no saved run at {saved} (run the benchmark with --tag {args.tag} first)")
+        results = json.loads(saved.read_text())
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = run_benchmark(args)
+    derive(results)
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float))
     stem.with_suffix(".md").write_text(markdown(results))
     plot(results, stem.with_suffix(".png"))

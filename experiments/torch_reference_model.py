@@ -68,16 +68,17 @@ def loss_fn(outputs, labels: torch.Tensor, smoothing: float = 0.1) -> torch.Tens
                   + F.cross_entropy(dist_logits, labels, label_smoothing=smoothing))
 
 
-def autocast(dtype: str):
-    """bfloat16 CPU autocast for "bfloat16", nothing for "float32"."""
+def autocast(dtype: str, device_type: str = "cpu"):
+    """bfloat16 autocast on `device_type` ("cpu" or "cuda") for "bfloat16", nothing for "float32"."""
     if dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     if dtype == "float32":
         return contextlib.nullcontext()
     raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
 
 
-def make_train_step(model: torch.nn.Module, forward, dtype: str, lr: float = 1e-3, weight_decay: float = 0.025):
+def make_train_step(model: torch.nn.Module, forward, dtype: str, lr: float = 1e-3, weight_decay: float = 0.025,
+                    device_type: str = "cpu"):
     """A closure running forward, loss, backward and an AdamW step on (images, labels).
 
     `forward` is `model` itself (eager) or `torch.compile(model)`; the optimizer stays eager in
@@ -87,7 +88,7 @@ def make_train_step(model: torch.nn.Module, forward, dtype: str, lr: float = 1e-
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(dtype):
+        with autocast(dtype, device_type):
             loss = loss_fn(forward(images), labels)
         loss.backward()
         optimizer.step()

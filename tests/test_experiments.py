@@ -85,9 +85,85 @@ def test_benchmark_tiny_run(tmp_path):
     assert results["machine"]["cpu"]
     assert results["machine"]["memory_measure"] == benchmark.MemoryPeak.MEASURE
     assert all(s["memory_peak_rise_mib"] >= 0 for s in latency.values())
-    assert "SwiftFormer-XS" in (tmp_path / "benchmark_t.md").read_text()
+    assert results["machine"]["device"] == "cpu"
+    table = (tmp_path / "benchmark_t.md").read_text()
+    assert "SwiftFormer-XS" in table
+
+    # --render-only derives the table again from the saved JSON, timing nothing.
+    (tmp_path / "benchmark_t.md").unlink()
+    benchmark.main(["--render-only", "--tag", "t", "--output-dir", str(tmp_path)])
+    assert (tmp_path / "benchmark_t.md").read_text() == table
 
 
+def test_benchmark_render_only_without_a_saved_run_names_the_file(tmp_path):
+    with pytest.raises(SystemExit) as error:
+        benchmark.main(["--render-only", "--tag", "none", "--output-dir", str(tmp_path)])
+    assert str(tmp_path / "benchmark_none.json") in str(error.value)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("requested, backend, cuda, expected", [
+    ("auto", "cpu", False, "cpu"),
+    ("auto", "cpu", True, "cpu"),
+    ("auto", "gpu", True, "gpu"),
+    ("cpu", "cpu", True, "cpu"),
+    ("gpu", "gpu", True, "gpu"),
+    ("gpu", "cpu", True, "JAX's default backend is 'cpu', not a GPU"),
+    ("auto", "gpu", False, "torch.cuda.is_available() is False"),
+    ("cpu", "gpu", True, "set JAX_PLATFORMS=cpu"),
+    ("tpu", "tpu", False, "--device must be one of"),
+])
+def test_benchmark_device_both_frameworks_on_one_device_or_an_error(requested, backend, cuda, expected):
+    if expected in ("cpu", "gpu"):
+        assert benchmark.resolve_device(requested, backend, cuda) == expected
+    else:
+        with pytest.raises(SystemExit) as error:
+            benchmark.resolve_device(requested, backend, cuda)
+        assert expected in str(error.value)
+
+
+def test_benchmark_asked_for_a_gpu_on_this_cpu_exits_before_timing(tmp_path):
+    with pytest.raises(SystemExit) as error:
+        benchmark.main(["--device", "gpu", "--variants", "XS", "--configs", "jax-f32", "--tasks", "latency",
+                        "--skip-peaks", "--output-dir", str(tmp_path)])
+    assert "not a GPU" in str(error.value)
+    assert not list(tmp_path.iterdir())
+
+
+def _stats(seconds: float, batch: int) -> dict:
+    return {"median_s": seconds, "min_s": seconds, "max_s": seconds, "images_per_s": batch / seconds}
+
+
+def test_derive_counts_flops_from_float32_and_bytes_from_the_configurations_dtype():
+    analysis = {"jax-f32": {"train": {"batch": 2, "flops": 4e9, "bytes_accessed": 2e9}},
+                "jax-bf16": {"train": {"batch": 2, "flops": 5e9, "bytes_accessed": 1e9}}}
+    results = {
+        "peaks": {"peak_gflops": 100.0, "peak_gflops_bf16": 400.0, "peak_gbs": 10.0},
+        "variants": {"XS": {"analysis": analysis, "tasks": {"train": {"results": {
+            "torch-eager-f32": _stats(1.0, 2), "torch-eager-bf16": _stats(0.5, 2), "jax-bf16": _stats(0.5, 2)}}}}},
+    }
+    benchmark.derive(results)
+    rows = results["variants"]["XS"]["tasks"]["train"]["results"]
+    f32, bf16 = rows["torch-eager-f32"], rows["torch-eager-bf16"]
+    assert f32["bytes_from"] == "jax-f32" and bf16["bytes_from"] == "jax-bf16"
+    assert f32["achieved_gflops"] == pytest.approx(4.0) and bf16["achieved_gflops"] == pytest.approx(8.0)
+    assert f32["fraction_of_peak_flops"] == pytest.approx(0.04)
+    assert bf16["fraction_of_peak_flops"] == pytest.approx(8.0 / 400.0)  # the bfloat16 peak
+    assert f32["achieved_gbs"] == pytest.approx(2.0) and bf16["achieved_gbs"] == pytest.approx(2.0)
+    assert bf16["speedup_vs_torch_eager_f32"] == pytest.approx(2.0)
+    # A run without a bfloat16 program or peak counts bfloat16 with the float32 ones.
+    del analysis["jax-bf16"], results["peaks"]["peak_gflops_bf16"]
+    benchmark.derive(results)
+    assert bf16["bytes_from"] == "jax-f32" and bf16["achieved_gbs"] == pytest.approx(4.0)
+    assert bf16["fraction_of_peak_flops"] == pytest.approx(0.08)
+
+
+def test_memory_peak_reads_the_given_counter():
+    readings = iter(range(0, 10**9, 1000))
+    with benchmark.MemoryPeak(interval=0.0005, read=lambda: next(readings)) as memory:
+        import time
+        time.sleep(0.01)
+    assert memory.peak_bytes >= 2000  # start, samples, final read: a growing counter's rise
 
 
 def test_profile_step_tiny_run_lists_thunks(capsys):
