@@ -11,6 +11,12 @@ PyTorch on this CPU). The two frameworks alternate; each figure is the min over 
 weighted total counts each block as often as the variant has it; it leaves out the head, the loss
 and the optimizer. Two more rows time the whole model: the train-mode forward with the loss, and
 forward + backward (no optimizer step). PERF_NOTES.md (sessions 4 and 5) quotes the output.
+
+`--stages` adds one program per stage (its downsampling embedding and all its blocks, in both
+frameworks) and their total. Why: a block timed alone pays each framework's per-call cost once per
+block, which is PyTorch's larger (its sum of blocks comes out above its whole model), so the sum of
+blocks overstates PyTorch's whole; stage programs pay it five times, not 24 times, and show how
+much JAX's whole program costs beyond its parts (PERF_NOTES.md, session 9).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os  # noqa: E402
 import time  # noqa: E402
 
 import benchmark  # noqa: E402
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -51,6 +58,44 @@ def blocks(variant: str, batch: int, image_size: int, torch_model):
             rows.append((f"embedding {stage} -> {stage + 1}", 1, layers.Embedding(spec.widths[stage + 1]),
                          network[2 * stage + 1], shape, True))
             side = _halved(side)
+    return rows
+
+
+class EmbeddedStage(nn.Module):
+    """A stage as in `SwiftFormer`: the downsampling Embedding (when `embed`), then its blocks."""
+
+    width: int
+    depth: int
+    embed: bool
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if self.embed:
+            x = layers.Embedding(self.width, name="embedding")(x, train)
+        return layers.Stage(depth=self.depth, rates=(0.0,) * self.depth, mlp_ratio=4, attention_version=2,
+                            drop_rate=0.0, layer_scale_init=1e-5, bn_group_size=None, dtype=jnp.float32,
+                            name="stage")(x, train)
+
+
+def stages(variant: str, batch: int, image_size: int, torch_model):
+    """(name, jax module, torch module, input shape NHWC): each stage with the embedding before it."""
+    import torch
+
+    spec = VARIANTS[variant]
+    network = torch_model.hf.swiftformer.encoder.network
+    side, width = _halved(_halved(image_size)), spec.widths[0]
+    rows = []
+    for stage, (depth, stage_width) in enumerate(zip(spec.depths, spec.widths)):
+        shape = (batch, side, side, width)
+        if stage == 0:
+            rows.append((f"stage program: stage 0 ({depth} blocks)", EmbeddedStage(stage_width, depth, False),
+                         network[0], shape))
+        else:
+            rows.append((f"stage program: embedding {stage - 1} -> {stage} + stage {stage} ({depth} blocks)",
+                         EmbeddedStage(stage_width, depth, True),
+                         torch.nn.Sequential(network[2 * stage - 1], network[2 * stage]), shape))
+            side = _halved(side)
+        width = stage_width
     return rows
 
 
@@ -143,6 +188,8 @@ def main(argv=None) -> dict:
     benchmark.add_model_arguments(parser)
     parser.add_argument("--reps", type=benchmark.positive_int, default=5)
     parser.add_argument("--skip-whole-model", action="store_true", help="only the blocks")
+    parser.add_argument("--stages", action="store_true",
+                        help="also one program per stage (embedding + blocks) in both frameworks, and their total")
     args = parser.parse_args(argv)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch_model = trm.build(args.variant).to(memory_format=torch.channels_last)
@@ -156,6 +203,18 @@ def main(argv=None) -> dict:
         totals["jax"] += count * jax_s
         totals["torch"] += count * torch_s
     rows.append(("weighted total of the blocks", 1, totals["jax"], totals["torch"]))
+    extra = {}
+    if args.stages:
+        stem = rows[0]
+        stage_totals = {"jax": stem[2], "torch": stem[3]}
+        for seed, (name, jax_module, torch_module, shape) in enumerate(
+                stages(args.variant, args.batch, args.image_size, torch_model)):
+            jax_s, torch_s = _timed_pair(*block_pair(jax_module, torch_module, shape, True, 100 + seed), args.reps)
+            rows.append((name, 1, jax_s, torch_s))
+            stage_totals["jax"] += jax_s
+            stage_totals["torch"] += torch_s
+        rows.append(("total of the stem and the stage programs", 1, stage_totals["jax"], stage_totals["torch"]))
+        extra["stage_totals_s"] = stage_totals
     if not args.skip_whole_model:
         for name, (run_jax, run_torch) in whole_model_pairs(
                 args.variant, args.batch, args.image_size, torch_model).items():
@@ -168,7 +227,7 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|---|")
     for name, count, jax_s, torch_s in rows:
         print(f"| {name} | {count} | {jax_s * 1e3:.1f} | {torch_s * 1e3:.1f} | {torch_s / jax_s:.2f} |")
-    return {"rows": rows, "totals_s": totals}
+    return {"rows": rows, "totals_s": totals, **extra}
 
 
 def _timed_pair(run_jax, run_torch, reps: int) -> tuple[float, float]:

@@ -236,6 +236,24 @@ def test_compare_blocks_tiny_run():
     assert all(row[2] > 0 and row[3] > 0 for row in result["rows"])
 
 
+def test_compare_blocks_stage_programs_add_up_to_their_total():
+    import compare_blocks
+    result = compare_blocks.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--reps", "1",
+                                  "--skip-whole-model", "--stages"])
+    names = [row[0] for row in result["rows"]]
+    stage_rows = [row for row in result["rows"] if row[0].startswith("stage program")]
+    assert [row[0] for row in stage_rows] == [
+        "stage program: stage 0 (3 blocks)", "stage program: embedding 0 -> 1 + stage 1 (3 blocks)",
+        "stage program: embedding 1 -> 2 + stage 2 (6 blocks)", "stage program: embedding 2 -> 3 + stage 3 (4 blocks)"]
+    assert names[-1] == "total of the stem and the stage programs"
+    stem = result["rows"][0]
+    for column, framework in ((2, "jax"), (3, "torch")):
+        expected = stem[column] + sum(row[column] for row in stage_rows)
+        assert result["stage_totals_s"][framework] == pytest.approx(expected)
+        assert result["rows"][-1][column] == pytest.approx(expected)
+    assert all(row[2] > 0 and row[3] > 0 for row in stage_rows)
+
+
 def test_component_costs_knocks_out_the_op_while_compiling_only():
     import component_costs
     from swiftformer_jax import ops
