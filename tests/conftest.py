@@ -8,6 +8,7 @@ keyed by the program, so it cannot change a result. The environment variables re
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import subprocess
@@ -27,6 +28,25 @@ import pytest  # noqa: E402
 from swiftformer_jax import xla_flags  # noqa: E402
 
 xla_flags.apply()  # what main.py runs with; before any test starts JAX's backend (reaches subprocesses too)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_tfds_scratch_dirs():
+    """Remove the empty `tmp*tfds` directories this session left in the temp directory.
+
+    TFDS makes one (`DatasetInfo.initialize_from_bucket`: mkdtemp before it looks for metadata on
+    GCS, and never removes it) each time a builder is made for a data set not prepared yet: about
+    15 per suite run, subprocesses included. Only empty ones go (`os.rmdir`), so a directory another
+    process is filling is left alone.
+    """
+    pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+    before = set(glob.glob(pattern))
+    yield
+    for path in set(glob.glob(pattern)) - before:
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty, or gone already: not ours to remove
+            pass
 
 
 @pytest.fixture(scope="session")
