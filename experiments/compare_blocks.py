@@ -14,9 +14,9 @@ forward + backward (no optimizer step). PERF_NOTES.md (sessions 4 and 5) quotes 
 
 `--stages` adds one program per stage (its downsampling embedding and all its blocks, in both
 frameworks) and their total. Why: a block timed alone pays each framework's per-call cost once per
-block, which is PyTorch's larger (its sum of blocks comes out above its whole model), so the sum of
-blocks overstates PyTorch's whole; stage programs pay it five times, not 24 times, and show how
-much JAX's whole program costs beyond its parts (PERF_NOTES.md, session 9).
+block, and PyTorch's is the larger (its sum of blocks comes out above its whole model), so the sum
+of blocks overstates PyTorch's whole. The stem and the stage programs pay it 5 times, not 25 (S),
+and show how much JAX's whole program costs beyond its parts (PERF_NOTES.md, session 9).
 """
 
 from __future__ import annotations
