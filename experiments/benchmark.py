@@ -6,6 +6,8 @@ Tiny: python experiments/benchmark.py --image-size 64 --batch 2 --train-batch 2 
           --configs jax-f32,torch-eager-f32 --skip-peaks --tag smoke --output-dir /tmp/out
 Redo the table and plot of a saved run (after a change to what is derived; nothing is timed):
       python experiments/benchmark.py --render-only --tag cpu
+One table from runs saved one variant each (a GPU session whose calls are time-limited):
+      python experiments/benchmark.py --merge gpu_xs,gpu_s,gpu_l1,gpu_l3 --tag gpu
 
 What is measured, per variant and per configuration (framework x dtype x execution mode):
 - inference latency at batch 1 (ms per call), inference throughput at `--batch` (images/s);
@@ -96,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: the GPU when JAX's default backend is one, else the CPU (see resolve_device)")
     p.add_argument("--render-only", action="store_true",
                    help="time nothing: derive the figures, table and plot again from the saved benchmark_<tag>.json")
+    p.add_argument("--merge", default="",
+                   help="comma list of saved tags (same machine, configurations and tasks, different variants): "
+                        "one table of them all under --tag; nothing is timed")
     p.add_argument("--output-dir", default=str(HERE / "results"))
     p.add_argument("--tag", default="cpu", help="results go to benchmark_<tag>.{json,md,png}")
     args = p.parse_args(argv)
@@ -107,6 +112,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.reps < 0 or args.warmup < 0:
         raise SystemExit("--reps and --warmup must be >= 0")
+    args.merge = tuple(t.strip() for t in args.merge.split(",") if t.strip())
+    if args.merge and args.render_only:
+        raise SystemExit("--merge and --render-only: choose one")
+    repeated = sorted({t for t in args.merge if args.merge.count(t) > 1})
+    if repeated:
+        raise SystemExit(f"--merge names {', '.join(repeated)} more than once")
     return args
 
 
@@ -747,6 +758,10 @@ def markdown(results: dict) -> str:
         f"Image size {results['settings']['image_size']}; timings are median [min - max] over "
         "the interleaved rounds.",
     ]
+    if "merged_from" in results:
+        lines += ["Merged from runs saved one by one (`--merge`): " + ", ".join(
+            f"{v} from benchmark_{m['tag']} (load at start {m['load_average_start']})"
+            for v, m in results["merged_from"].items()) + "; machine peaks from the first."]
     if "peaks" in results:
         p = results["peaks"]
 
@@ -855,15 +870,55 @@ def plot(results: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def merge_runs(runs: dict[str, dict]) -> dict:
+    """One result holding the variants of several saved runs (tag -> results), for one table.
+
+    Only runs of one machine and device, with the same configurations and tasks and no variant
+    twice, go together; anything else is a SystemExit naming the two runs that differ. The machine
+    peaks are the first run's (each run measured its own: `merged_from` keeps them all).
+    """
+    tags = list(runs)
+    first = runs[tags[0]]
+
+    def where(r: dict) -> tuple:
+        m = r["machine"]
+        return m.get("device", "cpu"), m.get("gpu"), m["cpu"], m["usable_cores"]
+
+    def what(r: dict) -> tuple:
+        return tuple(r["settings"]["configs"]), tuple(r["settings"]["tasks"])
+
+    variants: dict = {}
+    merged_from: dict = {}
+    for tag, run in runs.items():
+        if where(run) != where(first):
+            raise SystemExit(f"--merge: {tag} ran on {where(run)}, {tags[0]} on {where(first)}: "
+                             "runs of different machines do not go in one table")
+        if what(run) != what(first):
+            raise SystemExit(f"--merge: {tag} timed configurations and tasks {what(run)}, {tags[0]} {what(first)}")
+        for variant, result in run["variants"].items():
+            if variant in variants:
+                raise SystemExit(f"--merge: variant {variant} is in both {merged_from[variant]['tag']} and {tag}")
+            variants[variant] = result
+            merged_from[variant] = {"tag": tag, "load_average_start": run["load_average_start"],
+                                    "peaks": run.get("peaks")}
+    return {**first, "variants": variants, "merged_from": merged_from,
+            "load_average_end": runs[tags[-1]]["load_average_end"]}
+
+
+def _saved(path: pathlib.Path, flag: str, tag: str) -> dict:
+    if not path.is_file():
+        raise SystemExit(f"{flag}: no saved run at {path} (run the benchmark with --tag {tag} first)")
+    return json.loads(path.read_text())
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = pathlib.Path(args.output_dir)
     stem = out_dir / f"benchmark_{args.tag}"
     if args.render_only:
-        saved = stem.with_suffix(".json")
-        if not saved.is_file():
-            raise SystemExit(f"--render-only: no saved run at {saved} (run the benchmark with --tag {args.tag} first)")
-        results = json.loads(saved.read_text())
+        results = _saved(stem.with_suffix(".json"), "--render-only", args.tag)
+    elif args.merge:
+        results = merge_runs({t: _saved(out_dir / f"benchmark_{t}.json", "--merge", t) for t in args.merge})
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         results = run_benchmark(args)

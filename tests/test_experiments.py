@@ -95,6 +95,33 @@ def test_benchmark_tiny_run(tmp_path):
     assert (tmp_path / "benchmark_t.md").read_text() == table
 
 
+def test_benchmark_merge_puts_runs_of_different_variants_in_one_table(tmp_path):
+    common = ["--configs", "jax-f32", "--tasks", "latency", "--image-size", "32", "--reps", "1", "--warmup", "0",
+              "--skip-peaks", "--output-dir", str(tmp_path)]
+    benchmark.main(["--variants", "XS", "--tag", "xs", *common])
+    benchmark.main(["--variants", "S", "--tag", "s", *common])
+    benchmark.main(["--merge", "xs,s", "--tag", "both", "--output-dir", str(tmp_path)])
+    merged = json.loads((tmp_path / "benchmark_both.json").read_text())
+    assert list(merged["variants"]) == ["XS", "S"]
+    assert {v: m["tag"] for v, m in merged["merged_from"].items()} == {"XS": "xs", "S": "s"}
+    table = (tmp_path / "benchmark_both.md").read_text()
+    assert "## SwiftFormer-XS" in table and "## SwiftFormer-S" in table and "Merged from runs" in table
+
+    with pytest.raises(SystemExit, match="--merge names xs more than once"):
+        benchmark.main(["--merge", "xs,xs", "--tag", "twice", "--output-dir", str(tmp_path)])
+    (tmp_path / "benchmark_xs_again.json").write_text((tmp_path / "benchmark_xs.json").read_text())
+    with pytest.raises(SystemExit, match="variant XS is in both xs and xs_again"):
+        benchmark.main(["--merge", "xs,xs_again", "--tag", "twice", "--output-dir", str(tmp_path)])
+    other = json.loads((tmp_path / "benchmark_s.json").read_text())
+    other["settings"]["configs"] = ["jax-f32", "torch-eager-f32"]
+    (tmp_path / "benchmark_other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="--merge: other timed configurations and tasks"):
+        benchmark.main(["--merge", "xs,other", "--tag", "bad", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="benchmark_missing.json"):
+        benchmark.main(["--merge", "xs,missing", "--tag", "bad", "--output-dir", str(tmp_path)])
+    assert not (tmp_path / "benchmark_twice.json").exists() and not (tmp_path / "benchmark_bad.json").exists()
+
+
 def test_benchmark_render_only_without_a_saved_run_names_the_file(tmp_path):
     with pytest.raises(SystemExit) as error:
         benchmark.main(["--render-only", "--tag", "none", "--output-dir", str(tmp_path)])
