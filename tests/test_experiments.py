@@ -186,11 +186,17 @@ def test_derive_counts_flops_from_float32_and_bytes_from_the_configurations_dtyp
 
 
 def test_memory_peak_reads_the_given_counter():
-    readings = iter(range(0, 10**9, 1000))
-    with benchmark.MemoryPeak(interval=0.0005, read=lambda: next(readings)) as memory:
-        import time
+    import time
+    calls = []
+
+    def counter() -> int:  # grows by 1000 bytes a read
+        calls.append(1)
+        return 1000 * len(calls)
+
+    with benchmark.MemoryPeak(interval=0.0005, read=counter) as memory:
         time.sleep(0.01)
-    assert memory.peak_bytes >= 2000  # start, samples, final read: a growing counter's rise
+    assert len(calls) >= 3  # the start, samples, the end
+    assert memory.peak_bytes == 1000 * (len(calls) - 1)  # the last reading less the first
 
 
 def test_profile_step_tiny_run_lists_thunks(capsys):
