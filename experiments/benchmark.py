@@ -242,34 +242,20 @@ def machine_peaks(reps: int = 7, device: str = "cpu") -> dict:
         return gpu_peaks(reps)
     import torch
 
-    n = 4096
-    a = jnp.asarray(np.random.RandomState(0).standard_normal((n, n)).astype(np.float32))
-    mm = jax.jit(lambda x: x @ x)
+    a = jnp.asarray(np.random.RandomState(0).standard_normal((4096, 4096)).astype(np.float32))
     ta = torch.from_numpy(np.array(a))  # a writable copy: torch warns on read-only numpy memory
-    flops = 2.0 * n**3
-    jax_s = _median_time(lambda: mm(a).block_until_ready(), reps)
-    torch_s = _median_time(lambda: torch.mm(ta, ta), reps)
-    a16, ta16 = a.astype(jnp.bfloat16), ta.to(torch.bfloat16)
-    jax16_s = _median_time(lambda: mm(a16).block_until_ready(), reps)
-    torch16_s = _median_time(lambda: torch.mm(ta16, ta16), reps)
+    matmul = _matmul_gflops(a, ta, reps)
+    matmul_bf16 = _matmul_gflops(a.astype(jnp.bfloat16), ta.to(torch.bfloat16), reps)
 
     count = 512 * 2**20 // 4
     src = np.random.RandomState(1).standard_normal(count).astype(np.float32)
     dst = np.empty_like(src)
     tsrc, tdst = torch.from_numpy(src), torch.from_numpy(dst)
     moved = 2.0 * src.nbytes
-    np_s = _median_time(lambda: np.copyto(dst, src), reps)
-    torch_copy_s = _median_time(lambda: tdst.copy_(tsrc), reps)
-    return {
-        "matmul_gflops": {"jax": flops / jax_s / 1e9, "torch": flops / torch_s / 1e9},
-        "peak_gflops": flops / min(jax_s, torch_s) / 1e9,
-        "matmul_gflops_bf16": {"jax": flops / jax16_s / 1e9, "torch": flops / torch16_s / 1e9},
-        "peak_gflops_bf16": flops / min(jax16_s, torch16_s) / 1e9,
-        "copy_gbs": {"numpy": moved / np_s / 1e9, "torch": moved / torch_copy_s / 1e9},
-        "peak_gbs": moved / min(np_s, torch_copy_s) / 1e9,
-        "how": "4096^3 matmuls in float32 and bfloat16 (2n^3 FLOPs), 512 MiB float32 copy counted as "
-               "read+write; best of jax/torch medians",
-    }
+    copy_gbs = {"numpy": moved / _median_time(lambda: np.copyto(dst, src), reps) / 1e9,
+                "torch": moved / _median_time(lambda: tdst.copy_(tsrc), reps) / 1e9}
+    return _peaks(matmul, matmul_bf16, copy_gbs, "4096^3 matmuls in float32 and bfloat16 (2n^3 FLOPs), "
+                  "512 MiB float32 copy counted as read+write; best of jax/torch medians")
 
 
 def gpu_peaks(reps: int = 7) -> dict:
@@ -278,30 +264,39 @@ def gpu_peaks(reps: int = 7) -> dict:
     import torch
 
     n = 8192
-    flops = 2.0 * n**3
-    matmul = {}
-    for dtype, jdt, tdt in (("float32", jnp.float32, torch.float32), ("bfloat16", jnp.bfloat16, torch.bfloat16)):
-        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jdt)
-        ta = torch.randn(n, n, device="cuda", dtype=tdt)
-        mm = jax.jit(lambda x: x @ x)
-        jax_s = _median_time(lambda: mm(a).block_until_ready(), reps)
-        torch_s = _median_time(lambda: (torch.mm(ta, ta), torch.cuda.synchronize()), reps)
-        matmul[dtype] = {"jax": flops / jax_s / 1e9, "torch": flops / torch_s / 1e9}
+    matmul = {dtype: _matmul_gflops(jax.random.normal(jax.random.PRNGKey(0), (n, n), jdt),
+                                    torch.randn(n, n, device="cuda", dtype=tdt), reps, torch.cuda.synchronize)
+              for dtype, jdt, tdt in (("float32", jnp.float32, torch.float32),
+                                      ("bfloat16", jnp.bfloat16, torch.bfloat16))}
     count = 2**30 // 4
     src = jnp.ones((count,), jnp.float32)
     plus_one = jax.jit(lambda x: x + 1.0)  # not x * 1.0, which XLA may return uncopied
     tsrc, tdst = torch.ones(count, device="cuda"), torch.empty(count, device="cuda")
     moved = 2.0 * count * 4
-    jax_copy_s = _median_time(lambda: plus_one(src).block_until_ready(), reps)
-    torch_copy_s = _median_time(lambda: (tdst.copy_(tsrc), torch.cuda.synchronize()), reps)
-    return {
-        "matmul_gflops": matmul["float32"], "peak_gflops": max(matmul["float32"].values()),
-        "matmul_gflops_bf16": matmul["bfloat16"], "peak_gflops_bf16": max(matmul["bfloat16"].values()),
-        "copy_gbs": {"jax": moved / jax_copy_s / 1e9, "torch": moved / torch_copy_s / 1e9},
-        "peak_gbs": moved / min(jax_copy_s, torch_copy_s) / 1e9,
-        "how": "8192^3 matmuls in float32 and bfloat16 (2n^3 FLOPs), 1 GiB float32 device copy counted as "
-               "read+write; best of jax/torch medians",
+    copy_gbs = {
+        "jax": moved / _median_time(lambda: plus_one(src).block_until_ready(), reps) / 1e9,
+        "torch": moved / _median_time(lambda: (tdst.copy_(tsrc), torch.cuda.synchronize()), reps) / 1e9,
     }
+    return _peaks(matmul["float32"], matmul["bfloat16"], copy_gbs, "8192^3 matmuls in float32 and bfloat16 "
+                  "(2n^3 FLOPs), 1 GiB float32 device copy counted as read+write; best of jax/torch medians")
+
+
+def _matmul_gflops(a: jax.Array, ta, reps: int, sync: Callable[[], object] = lambda: None) -> dict:
+    """GFLOP/s of the square product a @ a through jax.jit, and of ta @ ta through torch.mm then `sync`."""
+    import torch
+
+    flops = 2.0 * a.shape[0] ** 3
+    mm = jax.jit(lambda x: x @ x)
+    jax_s = _median_time(lambda: mm(a).block_until_ready(), reps)
+    torch_s = _median_time(lambda: (torch.mm(ta, ta), sync()), reps)
+    return {"jax": flops / jax_s / 1e9, "torch": flops / torch_s / 1e9}
+
+
+def _peaks(matmul: dict, matmul_bf16: dict, copy_gbs: dict, how: str) -> dict:
+    """The peaks record `derive` reads: each framework's figure, and the best of them per kind."""
+    return {"matmul_gflops": matmul, "peak_gflops": max(matmul.values()),
+            "matmul_gflops_bf16": matmul_bf16, "peak_gflops_bf16": max(matmul_bf16.values()),
+            "copy_gbs": copy_gbs, "peak_gbs": max(copy_gbs.values()), "how": how}
 
 
 def _median_time(fn: Callable[[], object], reps: int) -> float:
