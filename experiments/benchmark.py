@@ -901,9 +901,17 @@ def merge_runs(runs: dict[str, dict]) -> dict:
 
 
 def _saved(path: pathlib.Path, flag: str, tag: str) -> dict:
+    """A run `main` saved, or SystemExit naming the file: missing, not JSON, or not a benchmark run."""
     if not path.is_file():
         raise SystemExit(f"{flag}: no saved run at {path} (run the benchmark with --tag {tag} first)")
-    return json.loads(path.read_text())
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{flag}: {path} is not valid JSON (truncated?): {error}") from None
+    missing = [key for key in ("machine", "settings", "variants") if key not in results]
+    if missing:
+        raise SystemExit(f"{flag}: {path} is not a saved benchmark run (no {', '.join(missing)})")
+    return results
 
 
 def main(argv=None) -> int:

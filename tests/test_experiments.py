@@ -129,6 +129,19 @@ def test_benchmark_render_only_without_a_saved_run_names_the_file(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.parametrize("text, message", [
+    ('{"machine": {"cpu": "x"}, "sett', "is not valid JSON (truncated?)"),
+    ('{"rows": []}', "is not a saved benchmark run (no machine, settings, variants)"),
+])
+def test_benchmark_render_only_names_a_file_that_is_not_a_saved_run(tmp_path, text, message):
+    saved = tmp_path / "benchmark_bad.json"
+    saved.write_text(text)
+    with pytest.raises(SystemExit) as error:
+        benchmark.main(["--render-only", "--tag", "bad", "--output-dir", str(tmp_path)])
+    assert str(saved) in str(error.value) and message in str(error.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["benchmark_bad.json"] and saved.read_text() == text
+
+
 @pytest.mark.parametrize("requested, backend, cuda, expected", [
     ("auto", "cpu", False, "cpu"),
     ("auto", "cpu", True, "cpu"),
