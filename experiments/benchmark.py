@@ -26,8 +26,10 @@ What is measured, per variant and per configuration (framework x dtype x executi
 
 Device (`--device`): the CPU, or one GPU for both frameworks (JAX's default device, PyTorch's
 "cuda"; each PyTorch call ends with `torch.cuda.synchronize()`, each JAX call with
-`block_until_ready`). The GPU path was written without a GPU to run it on (none was lent to this
-project so far): the first run on one is its first test.
+`block_until_ready`; cuDNN's benchmark mode on, as the official training script sets it; JAX
+allocating on demand, see `script_setup`, so PyTorch gets its share). The GPU path was written
+without a GPU to run it on (none was lent to this project so far): the first run on one is its
+first test.
 
 How: every configuration is built and warmed up first; then the timed calls go round-robin over
 the configurations (one call each per round), so load from other processes on a shared machine
@@ -39,7 +41,8 @@ from __future__ import annotations
 
 import script_setup  # experiments/ is sys.path[0] when run as a script; the tests put it there
 
-script_setup.prepare(__name__)  # first: OMP and XLA settings, before jax or torch start
+# First: OMP and XLA settings, before jax or torch start; on a GPU, JAX leaves PyTorch its share.
+script_setup.prepare(__name__, shares_gpu_with_torch=True)
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -206,9 +209,13 @@ def machine_info(device: str = "cpu") -> dict:
         accelerator = {
             "gpu": jax.devices()[0].device_kind, "gpu_torch": torch.cuda.get_device_name(0),
             # float32 matmuls and convolutions may run as TF32 on recent GPUs: how each framework is set.
-            "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+            "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision
+                                                or "unset (XLA's DEFAULT precision)"),
             "torch_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
             "torch_cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "torch_cudnn_benchmark": torch.backends.cudnn.benchmark,
+            # Both frameworks share the GPU: JAX's default takes 75% of its memory when it starts.
+            "jax_gpu_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true (JAX's default)"),
         }
     return {"device": device, **accelerator,
         "cpu": cpu, "simd_flags": flags, "logical_cores": os.cpu_count(),
@@ -258,27 +265,35 @@ def machine_peaks(reps: int = 7, device: str = "cpu") -> dict:
                   "512 MiB float32 copy counted as read+write; best of jax/torch medians")
 
 
+# PyTorch's name for the GPU, and the sizes of the GPU peak measurements; module constants so that
+# a test can run the whole GPU path on this CPU (test_benchmark_gpu_path_runs_with_cuda_faked).
+TORCH_GPU_DEVICE = "cuda"
+GPU_PEAK_MATMUL_N = 8192
+GPU_PEAK_COPY_BYTES = 2**30
+
+
 def gpu_peaks(reps: int = 7) -> dict:
     """The GPU's peaks: 8192^3 matmuls in float32 and bfloat16 (JAX and torch, synchronised), and a
     1 GiB float32 array written from another on the device (counted as read + write)."""
     import torch
 
-    n = 8192
+    n, device = GPU_PEAK_MATMUL_N, TORCH_GPU_DEVICE
     matmul = {dtype: _matmul_gflops(jax.random.normal(jax.random.PRNGKey(0), (n, n), jdt),
-                                    torch.randn(n, n, device="cuda", dtype=tdt), reps, torch.cuda.synchronize)
+                                    torch.randn(n, n, device=device, dtype=tdt), reps, torch.cuda.synchronize)
               for dtype, jdt, tdt in (("float32", jnp.float32, torch.float32),
                                       ("bfloat16", jnp.bfloat16, torch.bfloat16))}
-    count = 2**30 // 4
+    count = GPU_PEAK_COPY_BYTES // 4
     src = jnp.ones((count,), jnp.float32)
     plus_one = jax.jit(lambda x: x + 1.0)  # not x * 1.0, which XLA may return uncopied
-    tsrc, tdst = torch.ones(count, device="cuda"), torch.empty(count, device="cuda")
+    tsrc, tdst = torch.ones(count, device=device), torch.empty(count, device=device)
     moved = 2.0 * count * 4
     copy_gbs = {
         "jax": moved / _median_time(lambda: plus_one(src).block_until_ready(), reps) / 1e9,
         "torch": moved / _median_time(lambda: (tdst.copy_(tsrc), torch.cuda.synchronize()), reps) / 1e9,
     }
-    return _peaks(matmul["float32"], matmul["bfloat16"], copy_gbs, "8192^3 matmuls in float32 and bfloat16 "
-                  "(2n^3 FLOPs), 1 GiB float32 device copy counted as read+write; best of jax/torch medians")
+    return _peaks(matmul["float32"], matmul["bfloat16"], copy_gbs, f"{n}^3 matmuls in float32 and bfloat16 "
+                  f"(2n^3 FLOPs), {GPU_PEAK_COPY_BYTES / 2**30:g} GiB float32 device copy counted as read+write; "
+                  "best of jax/torch medians")
 
 
 def _matmul_gflops(a: jax.Array, ta, reps: int, sync: Callable[[], object] = lambda: None) -> dict:
@@ -482,8 +497,8 @@ class TorchCase:
         import torch_reference_model as trm
 
         self.torch, self.trm = torch, trm
-        self.device = "cuda" if device == "gpu" else "cpu"
-        self._sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
+        self.device = TORCH_GPU_DEVICE if device == "gpu" else "cpu"
+        self._sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
         self.name, self.variant, self.dtype, self.compiled = name, variant, dtype, compiled
         self.image_size, self.requested_format = image_size, memory_format
         self.model = trm.build(variant)
@@ -623,6 +638,10 @@ def run_benchmark(args) -> dict:
 
     torch.set_num_threads(args.torch_threads or len(os.sched_getaffinity(0)))
     args.device = resolve_device(args.device, jax.default_backend(), torch.cuda.is_available())
+    if args.device == "gpu":
+        # cuDNN picks the fastest convolution algorithm per shape: how the official training script
+        # (and most PyTorch users) run a fixed-shape convnet on a GPU.
+        torch.backends.cudnn.benchmark = True
     results = {"machine": machine_info(args.device), "settings": _settings(args), "load_average_start": load_average()}
     if not args.skip_peaks:
         results["peaks"] = machine_peaks(device=args.device)
@@ -657,14 +676,26 @@ def run_benchmark(args) -> dict:
             _log(f"{variant}/{task}: " + ", ".join(
                 f"{n} {1e3 * s['median_s']:.1f} ms" for n, s in timed.items()))
             del fns
-        results["variants"][variant] = {
-            "tasks": tasks,
-            "analysis": {n: c.analysis for n, c in cases.items() if c.analysis},
-            "memory_format": {n: c.memory_format for n, c in cases.items()},
-        }
+        analysis = {n: c.analysis for n, c in cases.items() if c.analysis}
+        memory_format = {n: c.memory_format for n, c in cases.items()}
+        del cases  # the timed models and programs, before any more are built
+        if "jax-f32" not in analysis and not args.skip_peaks:
+            analysis["jax-f32"] = count_float32_programs(variant, args.image_size,
+                                                         {t: r["batch"] for t, r in tasks.items()})
+        results["variants"][variant] = {"tasks": tasks, "analysis": analysis, "memory_format": memory_format}
     results["load_average_end"] = load_average()
     results["paper"] = _paper()
     return results
+
+
+def count_float32_programs(variant: str, image_size: int, batches: dict[str, int]) -> dict:
+    """XLA's cost analysis of the float32 JAX programs for `batches` (task -> batch), compiled but
+    never called: the FLOPs `derive` counts every configuration with, for a run that did not time
+    jax-f32 (a bfloat16-only GPU run). Marked `"timed": False`, and so labelled in the table."""
+    case = JaxCase("jax-f32", variant, "float32", image_size)
+    for task, batch in batches.items():
+        case.make(task, batch)
+    return {**case.analysis, "timed": False}
 
 
 def _share_memory_format(cases: dict) -> None:
@@ -698,7 +729,8 @@ def derive(results: dict) -> None:
     """Per configuration: speed relative to torch eager float32, and fractions of machine peaks.
 
     FLOPs per image come from XLA's cost analysis of the float32 JAX program (the arithmetic, the
-    same in every configuration; a bfloat16 program's count adds its conversions), bytes per image
+    same in every configuration; a bfloat16 program's count adds its conversions; compiled for the
+    count alone when the run did not time jax-f32, see `count_float32_programs`), bytes per image
     from the JAX program of the configuration's dtype (`bytes_program`): bfloat16 moves fewer.
     bfloat16 configurations are compared with the bfloat16 matmul peak, float32 ones with the
     float32 peak; a saved run from before the bfloat16 peak was measured (2026-11-22) has only the
@@ -739,7 +771,9 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     gpu = (f" GPU: {m.get('gpu')} (PyTorch: {m.get('gpu_torch')}); float32 matmul precision: JAX "
            f"{m.get('jax_default_matmul_precision')}, PyTorch allow_tf32 matmul {m.get('torch_matmul_allow_tf32')} / "
-           f"cuDNN {m.get('torch_cudnn_allow_tf32')}." if m.get("device") == "gpu" else "")
+           f"cuDNN {m.get('torch_cudnn_allow_tf32')}; cuDNN benchmark mode {m.get('torch_cudnn_benchmark')}; "
+           f"JAX GPU preallocation: {m.get('jax_gpu_preallocate')}."
+           if m.get("device") == "gpu" else "")
     lines = [
         "# SwiftFormer benchmark: JAX vs PyTorch (measured side by side, interleaved)",
         "",
@@ -808,6 +842,8 @@ def _analysis_lines(variant: str, vres: dict, results: dict) -> list[str]:
                 "| program | config | batch | GFLOP per image | GB accessed per image | XLA temp+output MiB |",
                 "|---|---|---|---|---|---|"]
         for config, analysis in programs:
+            if analysis.get("timed") is False:
+                config += " (counted, not timed)"
             for task, a in analysis.items():
                 if not isinstance(a, dict) or "flops" not in a:
                     continue

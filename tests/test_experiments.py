@@ -170,6 +170,59 @@ def test_benchmark_asked_for_a_gpu_on_this_cpu_exits_before_timing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_benchmark_gpu_path_runs_with_cuda_faked(tmp_path, monkeypatch):
+    """`--device gpu` end to end on this CPU, with the CUDA calls faked and PyTorch's "cuda" as the
+    CPU: every line of the GPU path runs (machine record, peaks, synchronised calls, device memory
+    readers, derive, table), so a mistake in it fails here rather than in a time-limited GPU session.
+    What it cannot show is GPU behaviour: speed, memory, numerics."""
+    import torch
+
+    synced, reads = [], {"jax": 0, "torch": 0}
+    monkeypatch.setattr(benchmark.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake GPU")
+    # Each synchronize records its caller: TorchCase's timed closures are named "run".
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: synced.append(sys._getframe(1).f_code.co_name))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    monkeypatch.setattr(benchmark, "TORCH_GPU_DEVICE", "cpu")
+    monkeypatch.setattr(benchmark, "GPU_PEAK_MATMUL_N", 64)
+    monkeypatch.setattr(benchmark, "GPU_PEAK_COPY_BYTES", 2**20)
+
+    def fake_reader(framework):  # this CPU's JAX device has no memory_stats(); count the reads
+        def read() -> int:
+            reads[framework] += 1
+            return 0
+        return read
+
+    monkeypatch.setattr(benchmark, "device_memory_reader", fake_reader)
+    benchmark.main([
+        "--device", "gpu", "--variants", "XS", "--configs", "jax-bf16,torch-eager-bf16",
+        "--tasks", "latency,train", "--image-size", "32", "--batch", "2", "--train-batch", "2", "--reps", "1",
+        "--warmup", "0", "--torch-memory-format", "contiguous", "--tag", "g", "--output-dir", str(tmp_path)])
+
+    results = json.loads((tmp_path / "benchmark_g.json").read_text())
+    machine = results["machine"]
+    assert machine["device"] == "gpu" and machine["gpu_torch"] == "Fake GPU"
+    assert machine["memory_measure"] == benchmark.DEVICE_MEMORY_MEASURE
+    assert machine["torch_cudnn_benchmark"] is True  # set for the run, as the official script does
+    assert "jax_gpu_preallocate" in machine
+    assert results["peaks"]["peak_gflops_bf16"] > 0 and "64^3 matmuls" in results["peaks"]["how"]
+    assert "run" in synced and "<lambda>" in synced  # the timed PyTorch calls and the peaks synchronise
+    assert reads["jax"] and reads["torch"]  # each framework's device memory read
+    train = results["variants"]["XS"]["tasks"]["train"]["results"]
+    assert set(train) == {"jax-bf16", "torch-eager-bf16"}
+    # No jax-f32 was timed: its programs were compiled for the FLOP count alone, so the bfloat16-only
+    # run still reports its fractions of the peaks.
+    counted = results["variants"]["XS"]["analysis"]["jax-f32"]
+    assert counted["timed"] is False and counted["train"]["flops"] > 0
+    for stats in train.values():
+        assert stats["fraction_of_peak_flops"] > 0 and stats["fraction_of_peak_bandwidth"] > 0
+        assert stats["bytes_from"] == "jax-bf16"
+    table = (tmp_path / "benchmark_g.md").read_text()
+    assert "GPU: cpu (PyTorch: Fake GPU)" in table and "cuDNN benchmark mode True" in table
+    assert "| train | jax-f32 (counted, not timed) | 2 |" in table
+
+
 def _stats(seconds: float, batch: int) -> dict:
     return {"median_s": seconds, "min_s": seconds, "max_s": seconds, "images_per_s": batch / seconds}
 
@@ -402,6 +455,30 @@ def test_script_setup_applies_xla_flags_only_to_the_main_program():
     default_ynn: dict[str, str] = {}
     script_setup.prepare("__main__", argv=["x", "--keep-ynn-fusion"], environ=default_ynn)
     assert "XLA_FLAGS" not in default_ynn
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in main  # only scripts that share a GPU with torch
+
+
+def test_script_setup_lets_torch_share_the_gpu_only_when_asked():
+    import script_setup
+
+    shared: dict[str, str] = {}
+    script_setup.prepare("__main__", argv=["x"], environ=shared, shares_gpu_with_torch=True)
+    assert shared["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+
+    explicit: dict[str, str] = {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
+    script_setup.prepare("__main__", argv=["x"], environ=explicit, shares_gpu_with_torch=True)
+    assert explicit["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"  # an explicit setting wins
+
+    imported: dict[str, str] = {}
+    script_setup.prepare("benchmark", argv=["x"], environ=imported, shares_gpu_with_torch=True)
+    assert imported == {"OMP_WAIT_POLICY": "PASSIVE"}  # importing a script leaves the process alone
+
+    import ast
+
+    tree = ast.parse((EXPERIMENTS / "benchmark.py").read_text())
+    assert any(isinstance(node, ast.Expr)
+               and ast.unparse(node) == "script_setup.prepare(__name__, shares_gpu_with_torch=True)"
+               for node in tree.body), "benchmark.py runs torch on the GPU beside JAX: it must ask"
 
 
 TIMING_SCRIPTS = ("attention_scaling", "benchmark", "compare_blocks", "component_costs", "matmul_shapes",
@@ -415,7 +492,7 @@ def test_timing_scripts_prepare_before_importing_jax_or_torch(script):
     tree = ast.parse((EXPERIMENTS / f"{script}.py").read_text())
     prepare_line = next(
         node.lineno for node in tree.body
-        if isinstance(node, ast.Expr) and ast.unparse(node) == "script_setup.prepare(__name__)")
+        if isinstance(node, ast.Expr) and ast.unparse(node).startswith("script_setup.prepare(__name__"))
     first_import = min(
         node.lineno for node in tree.body
         if isinstance(node, (ast.Import, ast.ImportFrom))
