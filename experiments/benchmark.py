@@ -225,7 +225,7 @@ def machine_info(device: str = "cpu") -> dict:
         "optax": optax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "transformers": transformers.__version__, "numpy": np.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "unset (libgomp's default)",
         "memory_measure": MemoryPeak.MEASURE if device == "cpu" else DEVICE_MEMORY_MEASURE,
         "malloc": host_allocator.status,  # glibc settings, shared by both frameworks in this process
     }
@@ -643,6 +643,11 @@ def run_benchmark(args) -> dict:
         # (and most PyTorch users) run a fixed-shape convnet on a GPU.
         torch.backends.cudnn.benchmark = True
     results = {"machine": machine_info(args.device), "settings": _settings(args), "load_average_start": load_average()}
+    cores = results["machine"]["usable_cores"]
+    if results["load_average_start"][0] > 0.5 * cores and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        _log(f"warning: load average {results['load_average_start'][0]} on {cores} cores: other work competes for "
+             "them, and PyTorch's spinning OpenMP threads can then be many times slower; consider "
+             "OMP_WAIT_POLICY=PASSIVE (see experiments/script_setup.py)")
     if not args.skip_peaks:
         results["peaks"] = machine_peaks(device=args.device)
         _log(f"machine peaks: {results['peaks']['peak_gflops']:.0f} GFLOP/s, {results['peaks']['peak_gbs']:.1f} GB/s")
