@@ -586,9 +586,17 @@ def make_case(name: str, variant: str, args) -> JaxCase | TorchCase:
 # ------------------------------------------------------------------------------------------------
 
 
-def interleaved_times(fns: dict[Hashable, Callable[[], None]], reps: int, warmup: int) -> dict[Hashable, list[float]]:
-    """Warm every callable, then time `reps` rounds, each calling every callable once in turn;
-    returns each callable's times (seconds), round by round.
+# Pause before each timed call, untimed: the threads the previous configuration left spinning
+# (libgomp's default wait policy spins a while before sleeping) are asleep when the next starts.
+# Measured once (/tmp probe, session 10): JAX's train step right after a PyTorch one 2116 ms
+# median, with a 0.2 s pause between them 2044 ms.
+SETTLE_S = 0.1
+
+
+def interleaved_times(fns: dict[Hashable, Callable[[], None]], reps: int, warmup: int,
+                      settle_s: float = SETTLE_S) -> dict[Hashable, list[float]]:
+    """Warm every callable, then time `reps` rounds, each calling every callable once in turn, each
+    call after an untimed `settle_s` pause; returns each callable's times (seconds), round by round.
 
     The order within a round rotates, so no configuration always runs right after the same other.
     """
@@ -599,6 +607,7 @@ def interleaved_times(fns: dict[Hashable, Callable[[], None]], reps: int, warmup
     times: dict[Hashable, list[float]] = {n: [] for n in names}
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(settle_s)
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)

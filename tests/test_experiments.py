@@ -303,6 +303,23 @@ def test_memory_rise_is_the_largest_over_the_extra_calls():
     assert out["a"]["memory_peak_rise_mib"] >= 60
 
 
+def test_interleaved_times_rotates_and_pauses_untimed_before_each_call():
+    import time
+    starts, order = [], []
+
+    def call(name):
+        def run():
+            starts.append(time.perf_counter())
+            order.append(name)
+        return run
+
+    times = benchmark.interleaved_times({n: call(n) for n in "abc"}, reps=3, warmup=1, settle_s=0.03)
+    assert order[3:] == list("abc" "bca" "cab")  # after the warm-up, each round starts one later
+    assert all(len(t) == 3 and max(t) < 0.02 for t in times.values())  # the pause is not timed
+    gaps = [b - a for a, b in zip(starts[3:], starts[4:])]
+    assert min(gaps) >= 0.03  # but it happens before every timed call
+
+
 def test_time_step_tiny_run():
     import time_step
     result = time_step.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--reps", "2"])
