@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import script_setup  # experiments/ is sys.path[0] when run as a script; the tests put it there
 
-# First: OMP and XLA settings, before jax or torch start; on a GPU, JAX leaves PyTorch its share.
+# First: XLA settings, before jax or torch start; on a GPU, JAX leaves PyTorch its share.
 script_setup.prepare(__name__, shares_gpu_with_torch=True)
 
 import argparse  # noqa: E402
@@ -653,7 +653,7 @@ def run_benchmark(args) -> dict:
         torch.backends.cudnn.benchmark = True
     results = {"machine": machine_info(args.device), "settings": _settings(args), "load_average_start": load_average()}
     cores = results["machine"]["usable_cores"]
-    if results["load_average_start"][0] > 0.5 * cores and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+    if results["load_average_start"][0] >= cores and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         _log(f"warning: load average {results['load_average_start'][0]} on {cores} cores: other work competes for "
              "them, and PyTorch's spinning OpenMP threads can then be many times slower; consider "
              "OMP_WAIT_POLICY=PASSIVE (see experiments/script_setup.py)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import script_setup  # experiments/ is sys.path[0] when run as a script; the tests put it there
 
-script_setup.prepare(__name__)  # first: OMP and XLA settings, before jax or torch start
+script_setup.prepare(__name__)  # first: XLA settings, before jax or torch start
 
 import argparse  # noqa: E402
 import os  # noqa: E402
