@@ -33,8 +33,9 @@ first test.
 
 How: every configuration is built and warmed up first; then the timed calls go round-robin over
 the configurations (one call each per round), so load from other processes on a shared machine
-falls on all of them alike. Reported: median, min and max per configuration, and the load average
-before and after each task.
+falls on all of them alike, each call after an untimed pause (`SETTLE_S`) so that the threads the
+previous one left spinning are asleep. Reported: median, min and max per configuration, and the
+load average before and after each task. OpenMP's wait policy is the user's (see `script_setup`).
 """
 
 from __future__ import annotations
