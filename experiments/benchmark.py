@@ -10,7 +10,9 @@ One table from runs saved one variant each (a GPU session whose calls are time-l
       python experiments/benchmark.py --merge gpu_xs,gpu_s,gpu_l1,gpu_l3 --tag gpu
 
 What is measured, per variant and per configuration (framework x dtype x execution mode):
-- inference latency at batch 1 (ms per call), inference throughput at `--batch` (images/s);
+- inference latency at batch 1 (ms per call): `latency`, calls in a stream (each after a short
+  pause, `SETTLE_S`), and `idle_latency`, each call after the machine idled (`IDLE_S`), which on
+  Linux costs XLA:CPU more than PyTorch (see `SETTLE_S`); inference throughput at `--batch` (images/s);
 - training throughput at `--train-batch` (images/s): forward, label-smoothed cross-entropy on both
   heads, backward, AdamW step (lr 1e-3, weight decay 0.025 on every tensor, both frameworks);
 - peak memory: the peak rise of the memory in use during one call, sampled every millisecond by a
@@ -33,9 +35,10 @@ first test.
 
 How: every configuration is built and warmed up first; then the timed calls go round-robin over
 the configurations (one call each per round), so load from other processes on a shared machine
-falls on all of them alike, each call after an untimed pause (`SETTLE_S`) so that the threads the
-previous one left spinning are asleep. Reported: median, min and max per configuration, and the
-load average before and after each task. OpenMP's wait policy is the user's (see `script_setup`).
+falls on all of them alike, each call after an untimed pause (`SETTLE_S`; `IDLE_S` for
+`idle_latency`) so that the threads the previous one left spinning are asleep. Reported: median,
+min and max per configuration, and the load average before and after each task. OpenMP's wait
+policy is the user's (see `script_setup`).
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ CONFIGS = (
     "jax-f32", "jax-bf16",
     "torch-eager-f32", "torch-eager-bf16", "torch-compile-f32", "torch-compile-bf16",
 )
-TASKS = ("latency", "inference", "train")
+TASKS = ("latency", "idle_latency", "inference", "train")
+LATENCY_TASKS = ("latency", "idle_latency")  # batch 1, reported in ms
 DEVICES = ("auto", "cpu", "gpu")
 LABEL_SMOOTHING = 0.1
 LR, WEIGHT_DECAY = 1e-3, 0.025
@@ -90,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=32, help="inference throughput batch")
     p.add_argument("--train-batch", type=int, default=32)
-    p.add_argument("--reps", type=int, default=0, help="timed rounds per task (0: per-task defaults 30/10/6)")
+    p.add_argument("--reps", type=int, default=0, help="timed rounds per task (0: per-task defaults 30/20/10/6)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per configuration after compiling")
     p.add_argument("--torch-memory-format", default="auto", choices=("auto", "channels_last", "contiguous"),
                    help="auto: time both in warm-up and keep the faster, per configuration")
@@ -587,11 +591,18 @@ def make_case(name: str, variant: str, args) -> JaxCase | TorchCase:
 # ------------------------------------------------------------------------------------------------
 
 
-# Pause before each timed call, untimed: the threads the previous configuration left spinning
-# (libgomp's default wait policy spins a while before sleeping) are asleep when the next starts.
-# Measured once (/tmp probe, session 10): JAX's train step right after a PyTorch one 2116 ms
-# median, with a 0.2 s pause between them 2044 ms.
-SETTLE_S = 0.1
+# Pause before each timed call, untimed, so that the threads the previous configuration left
+# spinning are asleep when the next starts: libgomp's default wait policy keeps PyTorch's workers
+# spinning for ~8-10 ms after a call returns (/tmp probe, session 11: their CPU time stops growing
+# 10-20 ms after the call). Not much longer: after ~30 ms of idle Linux's load tracking (half-life
+# 32 ms) has forgotten that XLA's two worker threads were busy and wakes them onto one core, which
+# costs JAX's batch-1 call ~15 ms (22-25 ms after a 0.01 s pause, 39-42 ms after 0.1 s; pinning the
+# two threads to different cores removes it). Session 10's 0.1 s measured that instead of the latency.
+SETTLE_S = 0.02
+# `idle_latency` measures it on purpose: a batch-1 call after the machine idled, as a server with
+# sporadic requests sees it (`latency` is a stream of requests).
+IDLE_S = 0.25
+PAUSE_S = {"idle_latency": IDLE_S}  # per task; the others pause SETTLE_S
 
 
 def interleaved_times(fns: dict[Hashable, Callable[[], None]], reps: int, warmup: int,
@@ -616,11 +627,12 @@ def interleaved_times(fns: dict[Hashable, Callable[[], None]], reps: int, warmup
 
 
 def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int,
-                     memory_reads: dict[str, Callable[[], int]] | None = None) -> dict[str, dict]:
+                     memory_reads: dict[str, Callable[[], int]] | None = None,
+                     settle_s: float = SETTLE_S) -> dict[str, dict]:
     """`interleaved_times`' median, min and max per callable, plus the peak memory rise over
     `MEMORY_CALLS` extra calls per configuration (`MemoryPeak`, reading `memory_reads[name]` where
     given: a GPU allocator)."""
-    times = interleaved_times(fns, reps, warmup)
+    times = interleaved_times(fns, reps, warmup, settle_s)
     names = list(fns)
     out = {}
     for name in names:
@@ -640,7 +652,7 @@ def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int,
 MEMORY_CALLS = 2
 
 
-DEFAULT_REPS = {"latency": 30, "inference": 10, "train": 6}
+DEFAULT_REPS = {"latency": 30, "idle_latency": 20, "inference": 10, "train": 6}
 
 
 def run_benchmark(args) -> dict:
@@ -670,7 +682,7 @@ def run_benchmark(args) -> dict:
         _share_memory_format(cases)
         tasks = {}
         for task in args.tasks:
-            batch = {"latency": 1, "inference": args.batch, "train": args.train_batch}[task]
+            batch = 1 if task in LATENCY_TASKS else {"inference": args.batch, "train": args.train_batch}[task]
             fns = {}
             for name, case in cases.items():
                 _log(f"{variant}/{task}: preparing {name} (batch {batch})")
@@ -681,12 +693,13 @@ def run_benchmark(args) -> dict:
             load_before = load_average()
             reads = ({name: device_memory_reader(case.framework) for name, case in cases.items()}
                      if args.device == "gpu" else None)
-            timed = time_interleaved(fns, args.reps or DEFAULT_REPS[task], args.warmup, reads)
+            pause = PAUSE_S.get(task, SETTLE_S)
+            timed = time_interleaved(fns, args.reps or DEFAULT_REPS[task], args.warmup, reads, settle_s=pause)
             for stats in timed.values():
                 stats["images_per_s"] = batch / stats["median_s"]
                 stats["images_per_s_min"] = batch / stats["max_s"]
                 stats["images_per_s_max"] = batch / stats["min_s"]
-            tasks[task] = {"batch": batch, "load_average_before": load_before,
+            tasks[task] = {"batch": batch, "pause_s": pause, "load_average_before": load_before,
                            "load_average_after": load_average(), "results": timed}
             _log(f"{variant}/{task}: " + ", ".join(
                 f"{n} {1e3 * s['median_s']:.1f} ms" for n, s in timed.items()))
@@ -802,6 +815,10 @@ def markdown(results: dict) -> str:
         f"Image size {results['settings']['image_size']}; timings are median [min - max] over "
         "the interleaved rounds.",
     ]
+    pauses = {t: r["pause_s"] for v in results["variants"].values() for t, r in v["tasks"].items() if "pause_s" in r}
+    if pauses:
+        lines += ["Each timed call follows an untimed pause (the other configurations' threads asleep): " + ", ".join(
+            f"{t} {p:g} s" for t, p in pauses.items()) + "."]
     if "merged_from" in results:
         lines += ["Merged from runs saved one by one (`--merge`): " + ", ".join(
             f"{v} from benchmark_{m['tag']} (load at start {m['load_average_start']})"
@@ -822,7 +839,7 @@ def markdown(results: dict) -> str:
         header = "| config | memory format |"
         sep = "|---|---|"
         for task, tres in vres["tasks"].items():
-            unit = "ms" if task == "latency" else "img/s"
+            unit = "ms" if task in LATENCY_TASKS else "img/s"
             header += f" {task} (batch {tres['batch']}, {unit}) | x torch eager f32 | peak memory rise MiB |"
             sep += "---|---|---|"
         lines += [header, sep]
@@ -831,7 +848,7 @@ def markdown(results: dict) -> str:
             row = f"| {name} | {vres['memory_format'].get(name)} |"
             for task, tres in vres["tasks"].items():
                 s = tres["results"][name]
-                if task == "latency":
+                if task in LATENCY_TASKS:
                     row += f" {1e3 * s['median_s']:.1f} [{1e3 * s['min_s']:.1f} - {1e3 * s['max_s']:.1f}] |"
                 else:
                     row += f" {s['images_per_s']:.1f} [{s['images_per_s_min']:.1f} - {s['images_per_s_max']:.1f}] |"

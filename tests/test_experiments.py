@@ -72,14 +72,27 @@ def test_benchmark_bad_flags(argv, message):
     assert message in str(error.value)
 
 
-def test_benchmark_tiny_run(tmp_path):
+def test_benchmark_tiny_run(tmp_path, monkeypatch):
+    pauses = {}
+    timed = benchmark.time_interleaved
+
+    def spy(fns, reps, warmup, reads, settle_s):  # the pause each task's rounds were given
+        pauses[len(pauses)] = settle_s
+        return timed(fns, reps, warmup, reads, settle_s=settle_s)
+
+    monkeypatch.setattr(benchmark, "time_interleaved", spy)
     benchmark.main([
-        "--variants", "XS", "--configs", "jax-f32,torch-eager-f32", "--tasks", "latency",
+        "--variants", "XS", "--configs", "jax-f32,torch-eager-f32", "--tasks", "latency,idle_latency",
         "--image-size", "32", "--reps", "2", "--warmup", "1", "--torch-memory-format", "contiguous",
         "--skip-peaks", "--tag", "t", "--output-dir", str(tmp_path)])
     results = json.loads((tmp_path / "benchmark_t.json").read_text())
-    latency = results["variants"]["XS"]["tasks"]["latency"]["results"]
-    assert set(latency) == {"jax-f32", "torch-eager-f32"}
+    tasks = results["variants"]["XS"]["tasks"]
+    assert list(pauses.values()) == [benchmark.SETTLE_S, benchmark.IDLE_S] == [
+        tasks["latency"]["pause_s"], tasks["idle_latency"]["pause_s"]]
+    assert benchmark.IDLE_S > 0.1 > benchmark.SETTLE_S  # idle long enough to be idle; a stream's gap short
+    latency = tasks["latency"]["results"]
+    assert set(latency) == set(tasks["idle_latency"]["results"]) == {"jax-f32", "torch-eager-f32"}
+    assert tasks["latency"]["batch"] == tasks["idle_latency"]["batch"] == 1
     assert all(s["median_s"] > 0 and s["min_s"] <= s["median_s"] <= s["max_s"] for s in latency.values())
     assert results["variants"]["XS"]["analysis"]["jax-f32"]["latency"]["flops"] > 0
     assert results["machine"]["cpu"]
@@ -87,7 +100,8 @@ def test_benchmark_tiny_run(tmp_path):
     assert all(s["memory_peak_rise_mib"] >= 0 for s in latency.values())
     assert results["machine"]["device"] == "cpu"
     table = (tmp_path / "benchmark_t.md").read_text()
-    assert "SwiftFormer-XS" in table
+    assert "SwiftFormer-XS" in table and "idle_latency (batch 1, ms)" in table
+    assert f"latency {benchmark.SETTLE_S:g} s, idle_latency {benchmark.IDLE_S:g} s" in table
 
     # --render-only derives the table again from the saved JSON, timing nothing.
     (tmp_path / "benchmark_t.md").unlink()
