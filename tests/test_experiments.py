@@ -334,6 +334,31 @@ def test_interleaved_times_rotates_and_pauses_untimed_before_each_call():
     assert min(gaps) >= 0.03  # but it happens before every timed call
 
 
+@pytest.mark.skipif(not pathlib.Path("/proc/self/task").is_dir(), reason="reads Linux's per-thread records")
+def test_idle_latency_tiny_run_pins_xla_workers_and_puts_them_back():
+    import os
+
+    import idle_latency
+    result = idle_latency.main(["--variant", "XS", "--image-size", "32", "--pauses", "0,0.05", "--calls", "2",
+                                "--torch"])
+    cores = sorted(os.sched_getaffinity(0))
+    workers = idle_latency.xla_worker_threads()
+    assert result["workers"] == len(workers) >= 1
+    assert result["pinned_affinities"] == [[cores[i % len(cores)]] for i in range(len(workers))]
+    assert all(sorted(os.sched_getaffinity(t)) == cores for t in workers)  # unpinned again
+    for key in ("jax", "jax_pinned", "jax_unpinned_again", "torch_eager"):
+        assert [r["pause_s"] for r in result[key]] == [0.0, 0.05]
+        assert all(0 < r["min_ms"] <= r["median_ms"] for r in result[key])
+    assert all(r["voluntary_per_call"] >= 0 and r["involuntary_per_call"] >= 0 for r in result["jax"])
+
+
+@pytest.mark.parametrize("text", ["", "0.1,x", "-1"])
+def test_idle_latency_bad_pauses_are_named(text):
+    import idle_latency
+    with pytest.raises(SystemExit, match="--pauses"):
+        idle_latency.parse_pauses(text)
+
+
 def test_time_step_tiny_run():
     import time_step
     result = time_step.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--reps", "2"])
@@ -512,8 +537,8 @@ def test_script_setup_lets_torch_share_the_gpu_only_when_asked():
                for node in tree.body), "benchmark.py runs torch on the GPU beside JAX: it must ask"
 
 
-TIMING_SCRIPTS = ("attention_scaling", "benchmark", "compare_blocks", "component_costs", "matmul_shapes",
-                  "profile_step", "step_bytes", "time_step")
+TIMING_SCRIPTS = ("attention_scaling", "benchmark", "compare_blocks", "component_costs", "idle_latency",
+                  "matmul_shapes", "profile_step", "step_bytes", "time_step")
 
 
 @pytest.mark.parametrize("script", TIMING_SCRIPTS)
