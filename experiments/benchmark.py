@@ -596,8 +596,8 @@ def make_case(name: str, variant: str, args) -> JaxCase | TorchCase:
 # spinning for ~8-10 ms after a call returns (/tmp probe, session 11: their CPU time stops growing
 # 10-20 ms after the call). Not much longer: after ~30 ms of idle Linux's load tracking (half-life
 # 32 ms) has forgotten that XLA's two worker threads were busy and wakes them onto one core, which
-# costs JAX's batch-1 call ~15 ms (22-25 ms after a 0.01 s pause, 39-42 ms after 0.1 s; pinning the
-# two threads to different cores removes it). Session 10's 0.1 s measured that instead of the latency.
+# costs JAX's batch-1 call ~15 ms (`experiments/idle_latency.py`: 26 ms after a 0.01 s pause, 41 ms
+# after 0.1 s; with the two threads pinned to different cores, 26 and 30). Session 10's 0.1 s measured that.
 SETTLE_S = 0.02
 # `idle_latency` measures it on purpose: a batch-1 call after the machine idled, as a server with
 # sporadic requests sees it (`latency` is a stream of requests).
