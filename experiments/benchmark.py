@@ -666,7 +666,7 @@ def run_benchmark(args) -> dict:
         torch.backends.cudnn.benchmark = True
     results = {"machine": machine_info(args.device), "settings": _settings(args), "load_average_start": load_average()}
     cores = results["machine"]["usable_cores"]
-    if results["load_average_start"][0] >= cores and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+    if results["load_average_start"][0] >= cores and results["machine"]["omp_wait_policy"].upper() != "PASSIVE":
         _log(f"warning: load average {results['load_average_start'][0]} on {cores} cores: other work competes for "
              "them, and PyTorch's spinning OpenMP threads can then be many times slower; consider "
              "OMP_WAIT_POLICY=PASSIVE (see experiments/script_setup.py)")

@@ -109,6 +109,20 @@ def test_benchmark_tiny_run(tmp_path, monkeypatch):
     assert (tmp_path / "benchmark_t.md").read_text() == table
 
 
+@pytest.mark.parametrize("policy, warns", [(None, True), ("passive", False)])
+def test_benchmark_warns_of_load_only_without_passive_openmp(tmp_path, monkeypatch, capsys, policy, warns):
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    monkeypatch.setattr(benchmark, "load_average", lambda: [64.0, 64.0, 64.0])  # busier than any core count
+    benchmark.main(["--variants", "XS", "--configs", "jax-f32", "--tasks", "latency", "--image-size", "32",
+                    "--reps", "1", "--warmup", "0", "--skip-peaks", "--tag", "t", "--output-dir", str(tmp_path)])
+    assert ("warning: load average 64.0" in capsys.readouterr().out) == warns
+    machine = json.loads((tmp_path / "benchmark_t.json").read_text())["machine"]
+    assert machine["omp_wait_policy"] == (policy or "unset (libgomp's default)")
+
+
 def test_benchmark_merge_puts_runs_of_different_variants_in_one_table(tmp_path):
     common = ["--configs", "jax-f32", "--tasks", "latency", "--image-size", "32", "--reps", "1", "--warmup", "0",
               "--skip-peaks", "--output-dir", str(tmp_path)]
