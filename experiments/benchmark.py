@@ -236,6 +236,17 @@ def machine_info(device: str = "cpu") -> dict:
     }
 
 
+def load_warning(load: float, machine: dict) -> str | None:
+    """A warning when the load is at least the core count and PyTorch's OpenMP threads spin
+    (any policy but PASSIVE): they then wait for descheduled siblings and can be many times slower."""
+    cores = machine["usable_cores"]
+    if load < cores or machine["omp_wait_policy"].upper() == "PASSIVE":
+        return None
+    return (f"warning: load average {load} on {cores} cores: other work competes for them, and PyTorch's "
+            "spinning OpenMP threads can then be many times slower; consider OMP_WAIT_POLICY=PASSIVE "
+            "(see experiments/script_setup.py)")
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -665,11 +676,9 @@ def run_benchmark(args) -> dict:
         # (and most PyTorch users) run a fixed-shape convnet on a GPU.
         torch.backends.cudnn.benchmark = True
     results = {"machine": machine_info(args.device), "settings": _settings(args), "load_average_start": load_average()}
-    cores = results["machine"]["usable_cores"]
-    if results["load_average_start"][0] >= cores and results["machine"]["omp_wait_policy"].upper() != "PASSIVE":
-        _log(f"warning: load average {results['load_average_start'][0]} on {cores} cores: other work competes for "
-             "them, and PyTorch's spinning OpenMP threads can then be many times slower; consider "
-             "OMP_WAIT_POLICY=PASSIVE (see experiments/script_setup.py)")
+    warning = load_warning(results["load_average_start"][0], results["machine"])
+    if warning:
+        _log(warning)
     if not args.skip_peaks:
         results["peaks"] = machine_peaks(device=args.device)
         _log(f"machine peaks: {results['peaks']['peak_gflops']:.0f} GFLOP/s, {results['peaks']['peak_gbs']:.1f} GB/s")

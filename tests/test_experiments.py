@@ -109,18 +109,17 @@ def test_benchmark_tiny_run(tmp_path, monkeypatch):
     assert (tmp_path / "benchmark_t.md").read_text() == table
 
 
-@pytest.mark.parametrize("policy, warns", [(None, True), ("passive", False)])
-def test_benchmark_warns_of_load_only_without_passive_openmp(tmp_path, monkeypatch, capsys, policy, warns):
-    if policy is None:
-        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    else:
-        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
-    monkeypatch.setattr(benchmark, "load_average", lambda: [64.0, 64.0, 64.0])  # busier than any core count
-    benchmark.main(["--variants", "XS", "--configs", "jax-f32", "--tasks", "latency", "--image-size", "32",
-                    "--reps", "1", "--warmup", "0", "--skip-peaks", "--tag", "t", "--output-dir", str(tmp_path)])
-    assert ("warning: load average 64.0" in capsys.readouterr().out) == warns
-    machine = json.loads((tmp_path / "benchmark_t.json").read_text())["machine"]
-    assert machine["omp_wait_policy"] == (policy or "unset (libgomp's default)")
+def test_benchmark_warns_of_load_only_without_passive_openmp(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    unset = benchmark.machine_info()
+    assert unset["omp_wait_policy"] == "unset (libgomp's default)"
+    assert "load average 2.5 on 2 cores" in benchmark.load_warning(2.5, {**unset, "usable_cores": 2})
+    assert benchmark.load_warning(1.9, {**unset, "usable_cores": 2}) is None  # a quiet machine
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    passive = benchmark.machine_info()
+    assert passive["omp_wait_policy"] == "passive"
+    assert benchmark.load_warning(64.0, {**passive, "usable_cores": 2}) is None
+    assert "OMP_WAIT_POLICY=PASSIVE" in benchmark.load_warning(64.0, {**passive, "omp_wait_policy": "ACTIVE"})
 
 
 def test_benchmark_merge_puts_runs_of_different_variants_in_one_table(tmp_path):
