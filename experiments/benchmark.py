@@ -604,8 +604,8 @@ def make_case(name: str, variant: str, args) -> JaxCase | TorchCase:
 
 # Pause before each timed call, untimed, so that the threads the previous configuration left
 # spinning are asleep when the next starts: libgomp's default wait policy keeps PyTorch's workers
-# spinning for ~8-10 ms after a call returns (/tmp probe, session 11: their CPU time stops growing
-# 10-20 ms after the call). Not much longer: after ~30 ms of idle Linux's load tracking (half-life
+# spinning for ~8-10 ms after a call returns (`experiments/idle_latency.py --torch`: their CPU time
+# stops growing 10-20 ms after the call). Not much longer: after ~30 ms of idle Linux's load tracking (half-life
 # 32 ms) has forgotten that XLA's two worker threads were busy and wakes them onto one core, which
 # costs JAX's batch-1 call ~15 ms (`experiments/idle_latency.py`: 26 ms after a 0.01 s pause, 41 ms
 # after 0.1 s; with the two threads pinned to different cores, 26 and 30). Session 10's 0.1 s measured that.

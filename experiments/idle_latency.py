@@ -6,7 +6,8 @@ For each pause, calls the batch-1 inference program `benchmark.py` times `--call
 after the pause (untimed), and prints the median and min ms per call and the context switches per
 call of XLA:CPU's worker threads (`tf_XLAEigen*`, read from /proc: voluntary, and involuntary, i.e.
 preempted). Then the same with each worker pinned to a core of its own (`os.sched_setaffinity`),
-and unpinned again. `--torch` times PyTorch eager's program the same way, unpinned.
+and unpinned again. `--torch` times PyTorch eager's program the same way, unpinned, and how
+long its OpenMP workers keep using CPU after a call returns (what `benchmark.SETTLE_S` must outlast).
 
 What it showed (PERF_NOTES.md, session 11): after ~30 ms or more of idle, the two workers are
 preempted ~100 times per call and the call takes ~15 ms longer; pinned, they are not. Linux's load
@@ -25,6 +26,7 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import pathlib  # noqa: E402
 import statistics  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from typing import Callable  # noqa: E402
 
@@ -32,6 +34,8 @@ import benchmark  # noqa: E402
 
 TASKS_DIR = pathlib.Path("/proc/self/task")
 XLA_WORKER_PREFIX = "tf_XLAEigen"  # XLA:CPU's intra-op thread pool, as Linux names its threads
+SPIN_WINDOWS = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1]  # s after a PyTorch call returns
+SPIN_CALLS = 5
 
 
 def xla_worker_threads() -> list[int]:
@@ -75,6 +79,27 @@ def time_after_pauses(fn: Callable[[], None], pauses: list[float], calls: int, t
                      "voluntary_per_call": (after[0] - before[0]) / calls,
                      "involuntary_per_call": (after[1] - before[1]) / calls})
     return rows
+
+
+def cpu_ms(tids: list[int]) -> float:
+    """CPU time the threads `tids` have run so far (ms; /proc's schedstat, which on this VM's kernel
+    advances in 4 ms scheduler ticks)."""
+    return sum(int((TASKS_DIR / str(t) / "schedstat").read_text().split()[0]) for t in tids) / 1e6
+
+
+def spin_after_call(fn: Callable[[], None], others: list[int], windows: list[float], calls: int) -> list[dict]:
+    """How long the threads `others` keep running after `fn` returns: per window (s after the
+    return), the median over `calls` of the CPU ms they used since. PyTorch's libgomp workers
+    spin there under OpenMP's default policy; `benchmark.SETTLE_S` must outlast it."""
+    used: list[list[float]] = [[] for _ in windows]
+    for _ in range(calls):
+        time.sleep(max(windows))  # start from asleep
+        fn()
+        returned, before = time.perf_counter(), cpu_ms(others)
+        for i, window in enumerate(windows):
+            time.sleep(max(0.0, returned + window - time.perf_counter()))
+            used[i].append(cpu_ms(others) - before)
+    return [{"after_s": w, "other_threads_cpu_ms": statistics.median(u)} for w, u in zip(windows, used)]
 
 
 def pin(tids: list[int]) -> dict[int, set[int]]:
@@ -137,6 +162,9 @@ def main(argv=None) -> dict:
         for _ in range(5):
             torch_fn()
         result["torch_eager"] = time_after_pauses(torch_fn, pauses, args.calls, [])
+        others = [int(d.name) for d in TASKS_DIR.iterdir()
+                  if int(d.name) not in tids and int(d.name) != threading.get_native_id()]
+        result["torch_spin"] = spin_after_call(torch_fn, others, SPIN_WINDOWS, SPIN_CALLS)
 
     print(f"SwiftFormer-{args.variant} batch 1, {args.image_size} px; {len(tids)} XLA workers on cores "
           f"{result['cores']}; load {os.getloadavg()[0]:.2f}")
@@ -147,6 +175,10 @@ def main(argv=None) -> dict:
             switches = (f"{row['voluntary_per_call']:.0f} / {row['involuntary_per_call']:.0f}"
                         if key != "torch_eager" else "-")
             print(f"| {key} | {row['pause_s']:g} | {row['median_ms']:.1f} | {row['min_ms']:.1f} | {switches} |")
+    if "torch_spin" in result:
+        print("PyTorch's other threads (its OpenMP workers) after an eager call returns, CPU ms used since "
+              f"(median of {SPIN_CALLS}): " + ", ".join(
+                  f"{1e3 * r['after_s']:g} ms: {r['other_threads_cpu_ms']:.1f}" for r in result["torch_spin"]))
     return result
 
 

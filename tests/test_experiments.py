@@ -363,6 +363,42 @@ def test_idle_latency_tiny_run_pins_xla_workers_and_puts_them_back():
         assert [r["pause_s"] for r in result[key]] == [0.0, 0.05]
         assert all(0 < r["min_ms"] <= r["median_ms"] for r in result[key])
     assert all(r["voluntary_per_call"] >= 0 and r["involuntary_per_call"] >= 0 for r in result["jax"])
+    spin = result["torch_spin"]
+    assert [r["after_s"] for r in spin] == idle_latency.SPIN_WINDOWS
+    used = [r["other_threads_cpu_ms"] for r in spin]
+    assert used == sorted(used) and used[0] >= 0  # CPU time since the return only grows
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/task").is_dir(), reason="reads Linux's per-thread records")
+def test_idle_latency_measures_how_long_other_threads_run_after_a_call():
+    import threading
+    import time
+
+    import idle_latency
+    go, stop, tid = threading.Event(), threading.Event(), []
+
+    def worker():  # spins 60 ms each time it is woken, then sleeps: as libgomp's workers do after a call
+        tid.append(threading.get_native_id())
+        while not stop.is_set():
+            go.wait()
+            go.clear()
+            end = time.perf_counter() + 0.06
+            while time.perf_counter() < end:
+                pass
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    while not tid:
+        time.sleep(0.001)
+    try:
+        rows = idle_latency.spin_after_call(go.set, tid, [0.005, 0.15], calls=1)  # the call returns at once
+    finally:
+        stop.set()
+        go.set()
+        thread.join()
+    early, late = (r["other_threads_cpu_ms"] for r in rows)
+    assert [r["after_s"] for r in rows] == [0.005, 0.15]
+    assert late >= 40 and late > early  # the ~60 ms the thread ran after the call returned
 
 
 @pytest.mark.parametrize("text", ["", "0.1,x", "-1"])
