@@ -17,21 +17,28 @@ A size is skipped (and listed as skipped, with why) when its compiled program ne
 `--max-gib` of memory (checked first: compiling allocates nothing), or when the time extrapolated
 from the sizes measured before it (their local exponent, at least 1) exceeds `--max-call-seconds`. Softmax attention at 65,536 tokens needs a 65k x 65k float32 matrix
 (16 GiB) per intermediate: it is skipped by the memory rule on a small machine.
+
+Run as a program, it first applies the project's XLA:CPU flags and host allocator
+(`swiftformer_jax.xla_flags.apply`, before JAX starts its backend; `--keep-ynn-fusion` skips it
+to time XLA's default YNN fusions); importing it, as the tests do, changes nothing.
 """
 
 from __future__ import annotations
 
-import script_setup  # experiments/ is sys.path[0] when run as a script; the tests put it there
+import os
+import sys
 
-script_setup.prepare(__name__)  # first: XLA settings, before jax or torch start
+if __name__ == "__main__":
+    if "--keep-ynn-fusion" not in sys.argv:  # read once, when JAX starts its backend
+        from swiftformer_jax import xla_flags
+
+        xla_flags.apply()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402

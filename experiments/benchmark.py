@@ -28,34 +28,50 @@ What is measured, per variant and per configuration (framework x dtype x executi
 
 Device (`--device`): the CPU, or one GPU for both frameworks (JAX's default device, PyTorch's
 "cuda"; each PyTorch call ends with `torch.cuda.synchronize()`, each JAX call with
-`block_until_ready`; cuDNN's benchmark mode on, as the official training script sets it; JAX
-allocating on demand, see `script_setup`, so PyTorch gets its share). The GPU path was written
-without a GPU to run it on (none was lent to this project so far): the first run on one is its
-first test.
+`block_until_ready`; cuDNN's benchmark mode on, as the official training script sets it). Run as
+a program, this file first sets `XLA_PYTHON_CLIENT_PREALLOCATE=false` (unless you set it): JAX
+then allocates GPU memory as it needs it instead of taking 75% of it when it starts, which would
+leave PyTorch a quarter of the GPU. The tests run the GPU path on the CPU with CUDA faked
+(`test_benchmark_gpu_path_runs_with_cuda_faked`): that shows every line of it runs, not how fast
+a GPU is, nor its memory or numerics.
 
 How: every configuration is built and warmed up first; then the timed calls go round-robin over
 the configurations (one call each per round), so load from other processes on a shared machine
 falls on all of them alike, each call after an untimed pause (`SETTLE_S`; `IDLE_S` for
 `idle_latency`) so that the threads the previous one left spinning are asleep. Reported: median,
-min and max per configuration, and the load average before and after each task. OpenMP's wait
-policy is the user's (see `script_setup`).
+min and max per configuration, and the load average before and after each task.
+
+Process settings, made at the top of this file when it runs as a program (importing it, as the
+tests do, changes nothing): the project's XLA:CPU flags and host allocator
+(`swiftformer_jax.xla_flags.apply`, before JAX starts its backend; `--keep-ynn-fusion` skips it
+to time XLA's default YNN fusions), and JAX's on-demand GPU allocation (above). OpenMP's wait
+policy is left as you set it (unset: libgomp's default, what a PyTorch user gets), and recorded
+with the load average. With it unset, PyTorch's threads spin a while after each parallel region:
+under load on few cores they wait for descheduled siblings (`load_warning` says so), while
+`OMP_WAIT_POLICY=PASSIVE` makes them pay a wake-up in every parallel region on a quiet machine
+(compare `--configs torch-eager-f32 --tasks train` with and without it). On a machine shared with
+other work, set `OMP_WAIT_POLICY=PASSIVE` yourself.
 """
 
 from __future__ import annotations
 
-import script_setup  # experiments/ is sys.path[0] when run as a script; the tests put it there
+import os
+import sys
 
-# First: XLA settings, before jax or torch start; on a GPU, JAX leaves PyTorch its share.
-script_setup.prepare(__name__, shares_gpu_with_torch=True)
+if __name__ == "__main__":
+    # Read once, when JAX starts its backend: set before any JAX computation (an explicit setting wins).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX and PyTorch share one GPU
+    if "--keep-ynn-fusion" not in sys.argv:
+        from swiftformer_jax import xla_flags
+
+        xla_flags.apply()
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from typing import Callable, Hashable  # noqa: E402
@@ -127,31 +143,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if repeated:
         raise SystemExit(f"--merge names {', '.join(repeated)} more than once")
     return args
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1, with the offending value in the error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, batch: int = 32) -> None:
-    """--variant, --batch and --image-size, as the single-program scripts (profile_step,
-    time_step, matmul_shapes) take them: one variant, checked against the variant table."""
-    parser.add_argument("--variant", default="S", choices=tuple(VARIANTS))
-    parser.add_argument("--batch", type=positive_int, default=batch)
-    parser.add_argument("--image-size", type=positive_int, default=224)
-
-
-def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
-    """--dtype, the compute dtype of the single-program scripts (profile_step, step_bytes,
-    matmul_shapes): float32 (the default) or bfloat16."""
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
 
 
 def _choose(text: str, valid: tuple[str, ...], what: str, upper: bool = False) -> tuple[str, ...]:
@@ -244,7 +235,7 @@ def load_warning(load: float, machine: dict) -> str | None:
         return None
     return (f"warning: load average {load} on {cores} cores: other work competes for them, and PyTorch's "
             "spinning OpenMP threads can then be many times slower; consider OMP_WAIT_POLICY=PASSIVE "
-            "(see experiments/script_setup.py)")
+            "(see experiments/benchmark.py's docstring)")
 
 
 def load_average() -> list[float]:
@@ -449,7 +440,6 @@ class JaxCase:
         init = jax.jit(lambda key, x: self.model.init({"params": key}, x, train=False))
         self.variables = init(jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)))
         self.analysis: dict = {}
-        self.compiled: dict = {}  # task -> the compiled program (profile_step.py reads its HLO)
         self.memory_format = "NHWC"
 
     def make(self, task: str, batch: int) -> Callable[[], None]:
@@ -460,7 +450,6 @@ class JaxCase:
         fn = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
         compiled = fn.lower(self.variables, images).compile()
         self.analysis[task] = {"batch": batch, **_cost(compiled), "xla_memory": _xla_memory(compiled)}
-        self.compiled[task] = compiled
         variables = self.variables
         return lambda: compiled(variables, images).block_until_ready()
 
@@ -486,7 +475,6 @@ class JaxCase:
         state.append(tx.init(state[0]))
         compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, images, targets).compile()
         self.analysis["train"] = {"batch": batch, **_cost(compiled), "xla_memory": _xla_memory(compiled)}
-        self.compiled["train"] = compiled
 
         def run() -> None:
             params, batch_stats, opt_state, loss = compiled(*state, images, targets)
@@ -602,15 +590,14 @@ def make_case(name: str, variant: str, args) -> JaxCase | TorchCase:
 # ------------------------------------------------------------------------------------------------
 
 
-# Pause before each timed call, untimed, so that the threads the previous configuration left
-# spinning are asleep when the next starts: libgomp's default wait policy keeps PyTorch's workers
-# spinning for ~8-10 ms after a call returns (`experiments/idle_latency.py --torch`: their CPU time
-# stops growing 10-20 ms after the call). Not much longer: after ~30 ms of idle Linux's load tracking (half-life
-# 32 ms) has forgotten that XLA's two worker threads were busy and wakes them onto one core, which
-# costs JAX's batch-1 call ~15 ms (`experiments/idle_latency.py`: 26 ms after a 0.01 s pause, 41 ms
-# after 0.1 s; with the two threads pinned to different cores, 26 and 30). Session 10's 0.1 s measured that.
+# Pause before each timed call, untimed. Long enough for the OpenMP threads the previous PyTorch
+# call left spinning (libgomp's default wait policy spins a while before it sleeps) to be asleep
+# when the next configuration starts. Short enough that Linux's load tracking (32 ms half-life)
+# still counts XLA:CPU's two worker threads as busy: after a longer idle it wakes them onto one
+# core, and JAX's batch-1 call is slower (compare jax-f32's `idle_latency` with its `latency`:
+# `python experiments/benchmark.py --configs jax-f32,torch-eager-f32 --tasks latency,idle_latency`).
 SETTLE_S = 0.02
-# `idle_latency` measures it on purpose: a batch-1 call after the machine idled, as a server with
+# `idle_latency` measures that on purpose: a batch-1 call after the machine idled, as a server with
 # sporadic requests sees it (`latency` is a stream of requests).
 IDLE_S = 0.25
 PAUSE_S = {"idle_latency": IDLE_S}  # per task; the others pause SETTLE_S
@@ -659,7 +646,7 @@ def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int,
 
 
 # The memory rise is the largest over this many extra calls: the sampling thread can miss a whole
-# call (it once reported no rise at all for PyTorch eager training; the cause was not found).
+# call (one call of PyTorch eager training can read as no rise at all; the cause is not known).
 MEMORY_CALLS = 2
 
 
@@ -770,8 +757,8 @@ def derive(results: dict) -> None:
     count alone when the run did not time jax-f32, see `count_float32_programs`), bytes per image
     from the JAX program of the configuration's dtype (`bytes_program`): bfloat16 moves fewer.
     bfloat16 configurations are compared with the bfloat16 matmul peak, float32 ones with the
-    float32 peak; a saved run from before the bfloat16 peak was measured (2026-11-22) has only the
-    float32 one, and its table says so.
+    float32 peak; a saved run that has no bfloat16 peak compares them all with the float32 one,
+    and its table says so.
     """
     peaks = results.get("peaks")
     for variant, vres in results["variants"].items():
@@ -820,7 +807,7 @@ def markdown(results: dict) -> str:
         f"torch {m['torch']} ({m['torch_threads']} threads, OMP_WAIT_POLICY={m.get('omp_wait_policy')}), transformers {m['transformers']}, numpy {m['numpy']}.",
         f"XLA_FLAGS={m.get('xla_flags', '')!r}; host allocator (both frameworks): {m.get('malloc', 'unknown')}.",
         f"Load average (1/5/15 min) at start {results['load_average_start']}, at end {results['load_average_end']} "
-        "(the machine was shared; timings alternate the configurations so the load falls on all of them).",
+        "(timings alternate the configurations, so load from other processes falls on all of them).",
         f"Image size {results['settings']['image_size']}; timings are median [min - max] over "
         "the interleaved rounds.",
     ]

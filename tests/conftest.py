@@ -23,7 +23,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # `pytest -n auto` runs as many workers as cores, each with PyTorch's threads: spinning OpenMP
-# threads would take the cores the other workers need (experiments/script_setup.py). Set before
+# threads would take the cores the other workers need. Set before
 # any test loads torch's libgomp, which reads it once.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -1,9 +1,9 @@
-"""Smoke tests of the experiment scripts with tiny settings (seconds, not the real measurements).
+"""Smoke tests of the timing scripts (benchmark.py, attention_scaling.py) with tiny settings.
 
-They check that the scripts run end to end and write their JSON, markdown and PNG, that bad flags
-fail with a clear message, that the exponent fit is right on exact power laws, and that the
-profiler's accounting of thunk and idle time adds up, and that the timing scripts make their process
-settings (`script_setup.prepare`) before jax or torch is imported.
+Seconds, not the real measurements. They check that the scripts run end to end and write their
+JSON, markdown and PNG, that bad flags fail with a clear message, that the exponent fit is right on
+exact power laws, and that a script run as a program makes its process settings before JAX starts
+while an imported one (as here) makes none.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ sys.path.insert(0, str(EXPERIMENTS))
 
 import attention_scaling  # noqa: E402
 import benchmark  # noqa: E402
-import profile_step  # noqa: E402
 
 
 def test_attention_scaling_tiny_run(tmp_path):
@@ -292,22 +291,6 @@ def test_memory_peak_reads_the_given_counter():
     assert memory.peak_bytes == 1000 * (len(calls) - 1)  # the last reading less the first
 
 
-def test_profile_step_tiny_run_lists_thunks(capsys):
-    profile_step.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--warmup", "1",
-                       "--steps", "1", "--top", "3"])
-    out = capsys.readouterr().out
-    assert "| thunk kind |" in out and "| top thunk" in out
-    assert "`dot" in out  # the matmuls are found and named
-
-
-def test_profile_idle_time_goes_to_the_thunk_before_it_and_skips_dispatches():
-    events = [("dot.1", 0, 10), ("fusion.2", 30, 40), ("fusion.3", 35, 50), ("fusion.4", 100, 110)]
-    idle = profile_step.idle_after(events, dispatches=[])
-    assert idle == {"dot.1": 20 / 1e6, "fusion.3": 50 / 1e6}
-    # A dispatch inside the last gap: that gap lies between two calls.
-    assert profile_step.idle_after(events, dispatches=[80]) == {"dot.1": 20 / 1e6}
-
-
 def test_memory_peak_sees_an_allocation_made_inside_the_block():
     import numpy as np
     with benchmark.MemoryPeak() as memory:
@@ -347,260 +330,58 @@ def test_interleaved_times_rotates_and_pauses_untimed_before_each_call():
     assert min(gaps) >= 0.03  # but it happens before every timed call
 
 
-@pytest.mark.skipif(not pathlib.Path("/proc/self/task").is_dir(), reason="reads Linux's per-thread records")
-def test_idle_latency_tiny_run_pins_xla_workers_and_puts_them_back():
-    import os
-
-    import idle_latency
-    result = idle_latency.main(["--variant", "XS", "--image-size", "32", "--pauses", "0,0.05", "--calls", "2",
-                                "--torch"])
-    cores = sorted(os.sched_getaffinity(0))
-    workers = idle_latency.xla_worker_threads()
-    assert result["workers"] == len(workers) >= 1
-    assert result["pinned_affinities"] == [[cores[i % len(cores)]] for i in range(len(workers))]
-    assert all(sorted(os.sched_getaffinity(t)) == cores for t in workers)  # unpinned again
-    for key in ("jax", "jax_pinned", "jax_unpinned_again", "torch_eager"):
-        assert [r["pause_s"] for r in result[key]] == [0.0, 0.05]
-        assert all(0 < r["min_ms"] <= r["median_ms"] for r in result[key])
-    assert all(r["voluntary_per_call"] >= 0 and r["involuntary_per_call"] >= 0 for r in result["jax"])
-    spin = result["torch_spin"]
-    assert [r["after_s"] for r in spin] == idle_latency.SPIN_WINDOWS
-    used = [r["other_threads_cpu_ms"] for r in spin]
-    assert used == sorted(used) and used[0] >= 0  # CPU time since the return only grows
-
-
-@pytest.mark.skipif(not pathlib.Path("/proc/self/task").is_dir(), reason="reads Linux's per-thread records")
-def test_idle_latency_measures_how_long_other_threads_run_after_a_call():
-    import threading
-    import time
-
-    import idle_latency
-    go, stop, tid = threading.Event(), threading.Event(), []
-
-    def worker():  # spins 60 ms of CPU each time it is woken, then sleeps: as libgomp's workers do after a call
-        tid.append(threading.get_native_id())
-        while not stop.is_set():
-            go.wait()
-            go.clear()
-            end = time.thread_time() + 0.06  # CPU time, so a busy machine (pytest -n auto) only stretches it
-            while time.thread_time() < end:
-                pass
-
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
-    while not tid:
-        time.sleep(0.001)
-    try:
-        rows = idle_latency.spin_after_call(go.set, tid, [0.005, 0.5], calls=1)  # the call returns at once
-    finally:
-        stop.set()
-        go.set()
-        thread.join()
-    early, late = (r["other_threads_cpu_ms"] for r in rows)
-    assert [r["after_s"] for r in rows] == [0.005, 0.5]
-    assert late >= 40 and late > early  # the ~60 ms the thread ran after the call returned
-
-
-@pytest.mark.parametrize("text", ["", "0.1,x", "-1"])
-def test_idle_latency_bad_pauses_are_named(text):
-    import idle_latency
-    with pytest.raises(SystemExit, match="--pauses"):
-        idle_latency.parse_pauses(text)
-
-
-def test_time_step_tiny_run():
-    import time_step
-    result = time_step.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--reps", "2"])
-    assert set(result) == {"train", "inference"}
-    assert all(r["min_s"] > 0 and r["page_faults_per_call"] >= 0 for r in result.values())
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_matmul_shapes_tiny_run(dtype):
-    import matmul_shapes
-    result = matmul_shapes.main(["--variant", "XS", "--batch", "1", "--image-size", "32", "--reps", "1", "--dtype", dtype])
-    assert result["dtype"] == dtype
-    assert result["operand_dtypes"] == {"jax": dtype, "torch": f"torch.{dtype}"}
-    assert len(result["rows"]) == 4 * 2 * 3  # stages x (C -> 4C, 4C -> C) x (forward, two gradients)
-    assert result["rows"][0][1] == "[64, 48] -> 192"  # 32 px / 4 = 8 x 8 pixels in stage 0
-    assert result["totals_s"]["jax"] > 0 and result["totals_s"]["torch"] > 0
-
-
-def test_compare_blocks_tiny_run():
-    import compare_blocks
-    result = compare_blocks.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--reps", "1"])
-    names = [row[0] for row in result["rows"]]
-    # XS: stem, 4 stages x (ConvEncoder, SwiftFormerEncoder), 3 embeddings, the total, 2 whole-model rows
-    assert names[0] == "stem" and len(names) == 1 + 4 * 2 + 3 + 1 + 2
-    assert names[-2:] == ["whole model: forward + loss (train mode)", "whole model: forward + backward"]
-    counts = {row[0]: row[1] for row in result["rows"]}
-    assert counts["stage 2 ConvEncoder"] == 5  # XS depths (3, 3, 6, 4): five ConvEncoders, one encoder
-    weighted = sum(row[1] * row[2] for row in result["rows"][: 1 + 4 * 2 + 3])
-    assert result["totals_s"]["jax"] == pytest.approx(weighted)
-    assert all(row[2] > 0 and row[3] > 0 for row in result["rows"])
-
-
-def test_compare_blocks_stage_programs_add_up_to_their_total():
-    import compare_blocks
-    result = compare_blocks.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--reps", "1",
-                                  "--skip-whole-model", "--stages"])
-    names = [row[0] for row in result["rows"]]
-    stage_rows = [row for row in result["rows"] if row[0].startswith("stage program")]
-    assert [row[0] for row in stage_rows] == [
-        "stage program: stage 0 (3 blocks)", "stage program: embedding 0 -> 1 + stage 1 (3 blocks)",
-        "stage program: embedding 1 -> 2 + stage 2 (6 blocks)", "stage program: embedding 2 -> 3 + stage 3 (4 blocks)"]
-    assert names[-1] == "total of the stem and the stage programs"
-    stem = result["rows"][0]
-    for column, framework in ((2, "jax"), (3, "torch")):
-        expected = stem[column] + sum(row[column] for row in stage_rows)
-        assert result["stage_totals_s"][framework] == pytest.approx(expected)
-        assert result["rows"][-1][column] == pytest.approx(expected)
-    assert all(row[2] > 0 and row[3] > 0 for row in stage_rows)
-
-
-def test_component_costs_knocks_out_the_op_while_compiling_only():
-    import component_costs
-    from swiftformer_jax import ops
-
-    gelu = ops.gelu
-    _, without_gelu = component_costs.jax_step("XS", 1, 32, "gelu")
-    assert ops.gelu is gelu  # undone after compiling
-    _, complete = component_costs.jax_step("XS", 1, 32, None)
-    assert " erf(" in complete.as_text() and " erf(" not in without_gelu.as_text()
-
-
-def test_step_bytes_parses_hlo_shapes_and_groups_by_layer():
-    import step_bytes
-
-    assert step_bytes.shape_bytes("f32[2,3]{1,0}") == 24
-    assert step_bytes.shape_bytes("(f32[2,3]{1,0}, s32[], bf16[4]{0})") == 24 + 4 + 8
-    hlo = """HloModule m
-
-ENTRY %main (p: f32[8]) -> f32[8] {
-  %p = f32[8]{0} parameter(0)
-  %f = f32[8]{0} fusion(%p, %p), kind=kLoop, calls=%c, metadata={op_name="jit(step)/jvp(SwiftFormer)/x/network_2/block_4/mul"}
-  ROOT %d = f32[8]{0} dot(%f, %p), metadata={op_name="jit(step)/transpose(jvp(SwiftFormer))/network_0/block_1/pwconv1/dot_general"}
-}
-"""
-    rows = step_bytes.entry_instructions(hlo)
-    assert [(r["name"], r["read"], r["written"]) for r in rows] == [("f", 64, 32), ("d", 64, 32)]
-    assert step_bytes.group(rows[0]["source"]) == ("forward", "x/network_*/block_*/mul")
-    assert step_bytes.group(rows[1]["source"]) == ("backward", "network_*/block_*/pwconv1/dot_general")
-
-
-def test_step_bytes_tiny_run(capsys):
-    import step_bytes
-    result = step_bytes.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--block", "network_0/block_0/"])
-    # An upper bound that counts whole operands, close to XLA's own figure for the same program.
-    assert 0.7 * result["xla_bytes"] < result["total_bytes"] < 1.5 * result["xla_bytes"]
-    assert any(key.startswith("backward ") for key in result["groups"])
-    assert any("pwconv1/dot_general" in key for key in result["groups"])
-    assert "network_0/block_0/pwconv1/dot_general" in capsys.readouterr().out
-
-    with pytest.raises(SystemExit):  # a --block that names nothing in the program is an error, not an empty table
-        step_bytes.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--block", "network_9/"])
-    assert "--block 'network_9/': no instruction's source contains it" in capsys.readouterr().err
-
-
-# XS, depths (3, 3, 6, 4): 12 ConvEncoders and 4 SwiftFormerEncoders (each a LocalRepresentation, the
-# attention and an Mlp); batch norms also in the stem (2), the 3 embeddings and before the heads (1).
-@pytest.mark.parametrize("component, replaced", [("gelu", 12 + 4 + 4), ("batch_norm", 12 + 4 + 4 + 2 + 3 + 1),
-                                                 ("depthwise", 12 + 4), ("attention", 4)])
-def test_component_costs_removes_every_torch_module_of_the_component(component, replaced):
-    import component_costs
-    import torch_reference_model
-
-    model = torch_reference_model.build("XS")
-    assert component_costs.knock_out_torch(model, component) == replaced
-    assert not any(component_costs._torch_matches(component, m) for m in model.modules())
-    with pytest.raises(RuntimeError, match=f"no PyTorch module matched component '{component}'"):
-        component_costs.knock_out_torch(model, component)
-
-
-def test_component_costs_tiny_run():
-    import component_costs
-    result = component_costs.main(["--variant", "XS", "--batch", "2", "--image-size", "32", "--reps", "2",
-                                   "--components", "depthwise", "--torch", "eager"])
-    assert set(result["cost_s"]) == {"jax", "torch-eager"}
-    assert set(result["median_s"]) == {"jax/complete", "jax/depthwise", "torch-eager/complete",
-                                       "torch-eager/depthwise"}
-    for fw in ("jax", "torch-eager"):
-        costs = result["cost_s"][fw]
-        assert sum(costs.values()) == pytest.approx(result["median_s"][f"{fw}/complete"])
-
-
-@pytest.mark.parametrize("script, argv, message", [
-    ("time_step", ["--variant", "M"], "invalid choice: 'M'"),
-    ("matmul_shapes", ["--reps", "0"], "must be >= 1, got 0"),
-    ("profile_step", ["--batch", "two"], "expected an integer, got 'two'"),
-    ("compare_blocks", ["--reps", "-1"], "must be >= 1, got -1"),
-    ("component_costs", ["--components", "gelu,softmax"], "unknown component or PyTorch mode ['softmax']"),
-    ("component_costs", ["--torch", "jit"], "unknown component or PyTorch mode ['jit']"),
-    ("step_bytes", ["--task", "eval"], "invalid choice: 'eval'"),
-])
-def test_single_program_scripts_reject_bad_flags(script, argv, message, capsys):
-    module = __import__(script)
-    with pytest.raises(SystemExit):
-        module.main(argv)
-    assert message in capsys.readouterr().err
-
-
-def test_script_setup_applies_xla_flags_only_to_the_main_program():
-    import script_setup
-
-    imported: dict[str, str] = {}
-    script_setup.prepare("benchmark", argv=["x"], environ=imported)
-    assert imported == {}  # importing a script leaves the process alone
-
-    main: dict[str, str] = {"OMP_WAIT_POLICY": "ACTIVE", "XLA_FLAGS": "--xla_dump_to=/tmp/d"}
-    script_setup.prepare("__main__", argv=["x"], environ=main)
-    assert main["OMP_WAIT_POLICY"] == "ACTIVE"  # OpenMP's policy is the user's (see script_setup)
-    assert main["XLA_FLAGS"] == "--xla_dump_to=/tmp/d --xla_cpu_experimental_ynn_fusion_type=reduce"
-
-    default_ynn: dict[str, str] = {}
-    script_setup.prepare("__main__", argv=["x", "--keep-ynn-fusion"], environ=default_ynn)
-    assert "XLA_FLAGS" not in default_ynn and "OMP_WAIT_POLICY" not in default_ynn
-    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in main  # only scripts that share a GPU with torch
-
-
-def test_script_setup_lets_torch_share_the_gpu_only_when_asked():
-    import script_setup
-
-    shared: dict[str, str] = {}
-    script_setup.prepare("__main__", argv=["x"], environ=shared, shares_gpu_with_torch=True)
-    assert shared["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
-
-    explicit: dict[str, str] = {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
-    script_setup.prepare("__main__", argv=["x"], environ=explicit, shares_gpu_with_torch=True)
-    assert explicit["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"  # an explicit setting wins
-
-    imported: dict[str, str] = {}
-    script_setup.prepare("benchmark", argv=["x"], environ=imported, shares_gpu_with_torch=True)
-    assert imported == {}  # importing a script leaves the process alone
-
-    import ast
-
-    tree = ast.parse((EXPERIMENTS / "benchmark.py").read_text())
-    assert any(isinstance(node, ast.Expr)
-               and ast.unparse(node) == "script_setup.prepare(__name__, shares_gpu_with_torch=True)"
-               for node in tree.body), "benchmark.py runs torch on the GPU beside JAX: it must ask"
-
-
-TIMING_SCRIPTS = ("attention_scaling", "benchmark", "compare_blocks", "component_costs", "idle_latency",
-                  "matmul_shapes", "profile_step", "step_bytes", "time_step")
+TIMING_SCRIPTS = ("attention_scaling", "benchmark")
 
 
 @pytest.mark.parametrize("script", TIMING_SCRIPTS)
-def test_timing_scripts_prepare_before_importing_jax_or_torch(script):
+def test_timing_scripts_make_their_settings_before_importing_jax_or_torch(script):
     import ast
 
     tree = ast.parse((EXPERIMENTS / f"{script}.py").read_text())
-    prepare_line = next(
-        node.lineno for node in tree.body
-        if isinstance(node, ast.Expr) and ast.unparse(node).startswith("script_setup.prepare(__name__"))
+    setup = next(node for node in tree.body
+                 if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'")
     first_import = min(
         node.lineno for node in tree.body
         if isinstance(node, (ast.Import, ast.ImportFrom))
-        and any(name.split(".")[0] in {"jax", "torch", "swiftformer_jax", "benchmark"}
+        and any(name.split(".")[0] in {"jax", "torch", "swiftformer_jax", "numpy", "optax"}
                 for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module])))
-    assert prepare_line < first_import
+    assert setup.lineno < first_import
+    assert "xla_flags.apply()" in ast.unparse(setup)
+
+
+def test_timing_scripts_set_xla_flags_only_as_the_main_program():
+    """Run in a fresh process (this one has the flags from conftest): importing a script sets
+    nothing; run as a program, each applies the XLA flags unless `--keep-ynn-fusion`, and only
+    benchmark.py (JAX and PyTorch on one GPU) asks JAX to allocate GPU memory on demand."""
+    import os
+    import subprocess
+
+    probe = f"""
+import json, os, runpy, sys
+sys.path.insert(0, {str(EXPERIMENTS)!r})
+seen = {{}}
+def look(name):
+    seen[name] = [os.environ.pop(k, None) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE")]
+import benchmark, attention_scaling
+look("imported")
+for script in {TIMING_SCRIPTS!r}:
+    for extra in (["--keep-ynn-fusion"], []):
+        sys.argv = [script + ".py", *extra, "--help"]
+        try:
+            runpy.run_path({str(EXPERIMENTS)!r} + "/" + script + ".py", run_name="__main__")
+        except SystemExit:
+            pass
+        look(" ".join([script, *extra]))
+print(json.dumps(seen))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE")}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    flags = "--xla_cpu_experimental_ynn_fusion_type=reduce"
+    assert seen == {
+        "imported": [None, None],
+        "attention_scaling --keep-ynn-fusion": [None, None],
+        "attention_scaling": [flags, None],
+        "benchmark --keep-ynn-fusion": [None, "false"],
+        "benchmark": [flags, "false"],
+    }
