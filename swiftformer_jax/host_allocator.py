@@ -1,11 +1,9 @@
 """glibc malloc settings for CPU runs: keep freed memory in the process instead of unmapping it.
 
-Why: XLA:CPU allocates each call's temporary buffer with malloc on a worker thread (for the
-SwiftFormer-S batch-32 train step 3.2 GB when this was measured, 2.6 GB since the GELU gradient of
-PERF_NOTES.md's session 8). glibc serves a block that large from a fresh mmap and returns it with
-munmap when the call ends, so every step faults the whole buffer in again, page by page:
-791k page faults and 1.5 s of kernel time per 2.8 s step, measured (PERF_NOTES.md, session 3,
-change 7).
+Why: XLA:CPU allocates each call's temporary buffer with malloc on a worker thread (about 2.6 GB
+for the SwiftFormer-S batch-32 train step). glibc serves a block that large from a fresh mmap and
+returns it with munmap when the call ends, so every step faults the whole buffer in again, page
+by page: with a 3.2 GB buffer, 791k page faults and 1.5 s of kernel time in a 2.8 s step.
 With one malloc arena, mmap off and trimming off, the freed buffer stays in the heap and the next
 step reuses it: no faults, and the train step ~20% faster.
 

@@ -49,8 +49,8 @@ def batch_norm_train(
     (y in `dtype`, default x's; mean; var), the statistics shaped [G, 1, ..., 1, C] for the running
     averages; they carry no gradient. The gradient is written by hand (`jax.custom_vjp`): the two sums it
     needs (of dy and of dy * x_hat) and the input gradient take two passes over the activations,
-    where autodiff of the forward took five or more; 1.8-2.4x faster on XLA:CPU (PERF_NOTES.md,
-    session 4). Reverse mode only.
+    where autodiff of the forward takes five or more; 1.8-2.4x faster on XLA:CPU. Reverse mode
+    only.
     """
     if x.ndim < 3 or scale.shape != x.shape[-1:] or bias.shape != x.shape[-1:]:
         raise ValueError(
@@ -68,20 +68,20 @@ def materialize(x: jax.Array) -> jax.Array:
     """`x` unchanged, but computed once and stored, in both directions: a fusion barrier for XLA.
 
     Why: XLA fuses a cheap elementwise producer into each of its consumers rather than storing its
-    result. For batch norm after the depthwise conv, that put the conv's nine-tap forward and the
-    batch norm's input gradient inside the conv's kernel-gradient reduction (its timing says once
-    per tap): the 21 such reductions took 172-190 ms of the SwiftFormer-S train step, 93 ms with
-    this barrier, and the step got 3-12% faster in three A/Bs (PERF_NOTES.md, session 5, change
-    12). `lax.optimization_barrier` would say this, but XLA:CPU removes it before fusion; XLA does
+    result. For batch norm after the depthwise conv, that puts the conv's nine-tap forward and the
+    batch norm's input gradient inside the conv's kernel-gradient reduction (recomputed per tap,
+    by its timing): the 21 such reductions take 172-190 ms of the SwiftFormer-S train step on
+    XLA:CPU without this barrier and 93 ms with it, and the step is 3-12% faster.
+    `lax.optimization_barrier` would say this, but XLA:CPU removes it before fusion; XLA does
     not fuse across a conditional on a runtime predicate. Its transpose is again a conditional, so
     the gradient of `x` is stored too. The predicate (`x`'s first element is finite) only picks
     between two exact copies: the other branch adds zero, which XLA cannot fold away (it would turn
     -0.0 into +0.0, the only difference, and only when that first element is inf or NaN). Under
     `vmap` the conditional becomes a select: the same values, without the barrier.
 
-    Applied only when the default backend is the CPU, where it was measured: on GPUs a conditional
-    copies its predicate to the host and waits for it, and their fusion heuristics differ; there
-    (and for empty arrays) `x` passes through as it is.
+    Applied only when the default backend is the CPU, the backend it is tuned for: on GPUs a
+    conditional copies its predicate to the host and waits for it, and their fusion heuristics
+    differ; there (and for empty arrays) `x` passes through as it is.
     """
     if x.size == 0 or jax.default_backend() != "cpu":
         return x
@@ -145,9 +145,8 @@ def matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     The same function as `jnp.matmul(x, kernel)`. Why 2-D: for a 4-D x, XLA:CPU computes the
     kernel's gradient (contracting B, H, W) from a transposed, channel-major copy of the cotangent,
-    written by a strided loop (the largest cost of the SwiftFormer-S train step then; PERF_NOTES.md,
-    session 3, change 5); with x flattened to [B*H*W, C_in] (a free reshape) the gradient is a
-    plain matmul on row-major data.
+    written by a strided loop (about 15% of the SwiftFormer-S train step's thread time); with x
+    flattened to [B*H*W, C_in] (a free reshape) the gradient is a plain matmul on row-major data.
     """
     flat = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel)
     return flat.reshape(x.shape[:-1] + kernel.shape[-1:])
@@ -158,14 +157,14 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.A
 
     `kernel` is [3, 3, 1, C] (the HWIO layout `lax.conv_general_dilated` takes with
     `feature_group_count=C`), `bias` is [C]. Written as a sum of nine shifted, per-channel scaled
-    slices: the same result as the grouped convolution, and on XLA:CPU tens of times faster in both
-    directions (see DESIGN.md, performance facts).
+    slices: the same result as the grouped convolution, and on XLA:CPU more than ten times faster
+    in both directions.
 
     The gradient is written by hand (`jax.custom_vjp`): differentiated automatically, the nine
     shifted slices of x are kept for the kernel's gradient as nine full-size copies, the largest
     memory traffic of the SwiftFormer-S train step; here only x is kept and the backward reads
-    shifted views of it (PERF_NOTES.md, session 3, change 6). Reverse mode and vmap work;
-    forward-mode (`jax.jvp`) does not pass through a custom VJP.
+    shifted views of it. Reverse mode and vmap work; forward-mode (`jax.jvp`) does not pass
+    through a custom VJP.
     """
     if x.ndim != 4 or kernel.shape != (3, 3, 1, x.shape[-1]):
         raise ValueError(
@@ -234,9 +233,11 @@ def conv3x3_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arr
     convolution, 1.3-3x faster on XLA:CPU than im2col, which writes the nine-tap patches first;
     under differentiation the forward is im2col (nine strided slices concatenated on channels, one
     matmul with the kernel flattened to [9 C_in, C_out]), because XLA:CPU's strided-convolution
-    input gradient is 10-20x its forward and its kernel gradient transposes both operands
-    (PERF_NOTES.md, session 4). The kernel gradient is im2col's (patches^T @ cotangent); the input
-    gradient is gathered by output parity (`_stride2_input_gradient`). Reverse mode only.
+    gradients are slow: its input gradient (an lhs-dilated convolution) takes several times its
+    forward and its kernel gradient transposes both operands; in the SwiftFormer stem, forward +
+    backward is about 15% slower with them than with im2col. The kernel gradient is im2col's
+    (patches^T @ cotangent); the input gradient is gathered by output parity
+    (`_stride2_input_gradient`). Reverse mode only.
     """
     if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]) or bias.shape != kernel.shape[3:]:
         raise ValueError(
@@ -268,9 +269,9 @@ def _stride2_input_gradient(grad_patches: jax.Array, height: int, width: int) ->
     Input row 2m is read by tap row 1 of output row m; row 2m + 1 by tap row 2 of output row m and
     tap row 0 of output row m + 1 (columns alike). So each of the four parities of (row, column)
     sums one, two or four taps, and the four are interleaved. Autodiff's transpose of the nine
-    slices is the same sum, but inside the train step XLA:CPU wrote it as nine zero-padded
-    full-size copies summed afterwards: 3.4 GB of the step's 27.5 GB of memory traffic (PERF_NOTES.md,
-    session 6).
+    slices is the same sum, but inside the train step XLA:CPU writes it as nine zero-padded
+    full-size copies summed afterwards: about 12% of the SwiftFormer-S train step's memory
+    traffic.
     """
     batch, out_h, out_w, nine_c = grad_patches.shape
     channels = nine_c // 9
@@ -327,14 +328,15 @@ def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`: PyTorch's nn.GELU() formula.
 
     Equal to `jax.nn.gelu(x, approximate=False)` up to rounding (that one is written with erfc,
-    whose select-chain polynomials make it ~1.5x slower on XLA:CPU).
+    whose select-chain polynomials make it 2-3x slower on XLA:CPU).
 
     The gradient is written by hand (`jax.custom_vjp`) so that training keeps only `x`: the
     backward recomputes erf from it. Differentiated automatically, XLA shares the one erf
     between the two directions and stores it, an extra tensor of the MLP's hidden width (4x the
     block's) written once and read back twice: 2.1 GB of the S train step's 24 GB of memory
-    traffic and 525 of its 3135 MB of XLA temp memory (PERF_NOTES.md, session 8). Forward-mode
-    differentiation (`jax.jvp`) does not pass through a custom VJP.
+    traffic and 525 of its 3135 MB of XLA temp memory. The step takes the same time either way;
+    the gain is memory. Forward-mode differentiation (`jax.jvp`) does not pass through a custom
+    VJP.
     """
     return _gelu_value(x)
 
@@ -418,12 +420,11 @@ def efficient_additive_attention(params: Params, x: jax.Array, *, version: int =
     key = l2_normalize(dense(params["to_key"], x), axis=-1)
     weights = additive_token_weights(query, params["w_g"], version)
     # sum_n a_n q_n as a batched [1, N] x [N, D] product: XLA:CPU runs it as a matmul, where the
-    # equal jnp.sum(weights * query, axis=1) became a reduction 10x slower at 50k tokens
-    # (experiments/results/PERF_NOTES.md, section 0.1).
+    # equal jnp.sum(weights * query, axis=1) becomes a reduction 10x slower at 50k tokens.
     global_query = jnp.einsum("bnk,bnd->bkd", weights, query)  # [B, 1, D]
     # Proj(g * k) = k @ (g scaling the rows of Proj's kernel) + bias: the same function without
     # the [B, N, D] product g * k, so g's gradient is a matmul rather than a reduction over the
-    # tokens, which XLA:CPU ran superlinearly in N (PERF_NOTES.md, section 0.3).
+    # tokens, which XLA:CPU runs superlinearly in N.
     scaled_kernel = global_query[:, 0, :, None] * params["Proj"]["kernel"]  # [B, D, D]
     out = jnp.einsum("bnd,bde->bne", key, scaled_kernel) + params["Proj"]["bias"] + query
     return dense(params["final"], out)

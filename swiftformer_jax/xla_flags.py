@@ -1,13 +1,13 @@
 """XLA:CPU settings this project measured to matter, set before JAX starts its CPU backend.
 
 Why: jax 0.10's XLA:CPU hands subgraphs to YNNPACK ("YNN fusions" of three kinds: dot, eltwise,
-reduce). On SwiftFormer-S (2-core CPU, experiments/results/PERF_NOTES.md, section 0.1) the
-default set made batch-32 inference 1.5x slower than no YNN fusions at all, while no YNN fusions
-made the train step 1.25x slower than the default; keeping only the reduce fusions gave the
-fastest training of the nine settings tried and inference within 10% of the fastest.
+reduce). On SwiftFormer-S (2-core CPU) the default set makes batch-32 inference 1.5x slower than
+no YNN fusions at all, while no YNN fusions make the train step 1.25x slower than the default;
+keeping only the reduce fusions gives the fastest training of the nine settings compared and
+inference within 10% of the fastest.
 
-`apply()` also sets glibc's allocator to keep freed memory on CPU runs (`host_allocator.py`: the
-per-call buffers were unmapped and faulted in again every step).
+`apply()` also sets glibc's allocator to keep freed memory on CPU runs (`host_allocator.py`:
+otherwise the per-call buffers are unmapped and faulted in again every step).
 
 XLA reads XLA_FLAGS once, when the first computation starts the backend, so `apply()` must run
 before that: the entry points (main.py, predict, the benchmarks, the tests' conftest) call it

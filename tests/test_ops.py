@@ -1,4 +1,4 @@
-"""The pure ops against float64 NumPy references written from the formulas (DESIGN.md, the paper)."""
+"""The pure ops against float64 NumPy references written from the paper's formulas."""
 
 import math
 import re
@@ -391,7 +391,7 @@ def test_materialize_survives_compilation_as_a_fusion_barrier():
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="materialize is a barrier on the CPU only")
 def test_batch_norm_train_stores_its_input_and_its_input_gradient():
     # The barrier at the batch-norm input is what keeps XLA from recomputing a depthwise conv's
-    # output inside its kernel-gradient reduction (PERF_NOTES.md, session 5, change 12).
+    # output inside its kernel-gradient reduction (see `ops.materialize`).
     x, scale, bias = jnp.ones((1, 2, 4, 4, 3)), jnp.ones(3), jnp.zeros(3)
     loss = lambda x: jnp.sum(ops.batch_norm_train(x * 2.0, scale, bias, 1e-5)[0] ** 2)
     assert jax.jit(jax.grad(loss)).lower(x).compile().as_text().count("conditional(") == 2
@@ -472,8 +472,9 @@ def test_strided_conv_gradient_under_vmap_and_in_bfloat16():
 
 def test_strided_conv_input_gradient_pads_no_holes():
     # Autodiff's transpose of the nine strided slices scatters through pads with holes (interior
-    # padding); inside the train step XLA:CPU wrote those as nine full-size copies (PERF_NOTES.md,
-    # session 6). The hand-written gradient gathers by parity: its pads only add an edge.
+    # padding); inside the train step XLA:CPU writes those as nine full-size copies (see
+    # `ops._stride2_input_gradient`). The hand-written gradient gathers by parity: its pads only
+    # add an edge.
     x, kernel, bias = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 5)), jnp.ones(5)
     text = jax.jit(jax.grad(lambda x: jnp.sum(ops.conv3x3_stride2(x, kernel, bias)))).lower(x).as_text()
     interiors = re.findall(r"stablehlo\.pad .*interior = \[([0-9, ]+)\]", text)
