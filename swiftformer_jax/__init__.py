@@ -1,5 +1,5 @@
 """SwiftFormer (Shaker et al., ICCV 2023) in JAX/Flax: models, PyTorch weight conversion, training."""
 
-from swiftformer_jax.model import VARIANTS, SwiftFormer, create_model
+from swiftformer_jax.model import VARIANTS, ModelSpec, SwiftFormer, create_model
 
-__all__ = ["VARIANTS", "SwiftFormer", "create_model"]
+__all__ = ["VARIANTS", "ModelSpec", "SwiftFormer", "create_model"]

@@ -1,21 +1,24 @@
-"""Checkpoints: the trainer's orbax CheckpointManager, preemption, and loading any classifier we can.
+"""Checkpoints: the one on-disk layout, the trainer's orbax CheckpointManager, preemption, and
+loading the weights of any checkpoint this package writes or reads.
 
-Layout of a training workdir's checkpoints (`WORKDIR/checkpoints/<step>/`):
-  state/   the whole TrainState (step, params, batch_stats, opt_state, ema_params, ema_batch_stats),
-           orbax's standard format, restored straight into its sharding
-  model/   JSON: what builds the network again (`ModelInfo`: variant, depths, widths, classes,
-           distillation head, attention version), so a checkpoint is usable without its config
-  metrics/ (eval steps only) the eval accuracy orbax ranks checkpoints by
-The input position is the step: the input pipeline restarts at any step exactly, so nothing else
-is saved. Saves are asynchronous: `save` returns once the arrays are copied off the devices, and
-the files are written in the background; `wait` blocks until they are complete.
+One layout for every checkpoint this package writes, by the trainer (`WORKDIR/checkpoints`) and
+by `python -m swiftformer_jax.convert import` (its `--output` directory) alike: a *checkpoint
+directory* managed by orbax's CheckpointManager, holding one directory per saved step:
 
-Kept: the last `keep` checkpoints, plus the best one by `best_metric` (when set).
+  <step>/state/    orbax's standard format. The trainer saves the whole TrainState (step, params,
+                   batch_stats, opt_state, ema_params, ema_batch_stats); an import saves
+                   {params, batch_stats} as step 0. Readers restore the part they need.
+  <step>/model/    JSON: the network's `ModelSpec`, so the weights are usable without a config,
+                   and, for an import, `source` (the PyTorch file, its sha256, naming and entry)
+  <step>/metrics/  (trainer eval steps) the eval accuracy orbax ranks checkpoints by
 
-`load_variables(path)` reads params and batch statistics from anything this package can produce
-or import, for fine-tuning (`config.init_from`) and teachers (`config.distillation.teacher`):
-  - a training workdir, its `checkpoints/` directory, or one step directory of it;
-  - a directory written by `python -m swiftformer_jax.convert import` (has `metadata.json`);
+The trainer saves asynchronously: `save` returns once the arrays are copied off the devices, and
+`wait` blocks until the files are complete. The input position is the step (the input pipeline
+restarts at any step exactly), so nothing else is saved.
+
+`load_checkpoint(path)` / `load_variables(path)` read the weights of any of:
+  - a workdir, a checkpoint directory (its latest step) or one step directory;
+  - a directory written by `convert import` before the layout above (`metadata.json` + `state/`);
   - a PyTorch file (.pth/.pt/.bin/.tar/.safetensors) in official, Hugging Face or timm naming.
 """
 
@@ -23,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,77 +37,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
-from swiftformer_jax.model import VARIANTS, SwiftFormer, create_model
+from swiftformer_jax.logs import log
+from swiftformer_jax.model import ModelSpec, SwiftFormer
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = "checkpoints"  # a workdir's checkpoint directory
 STATE_ITEM = "state"
 MODEL_ITEM = "model"
 _VARIABLE_COLLECTIONS = ("params", "batch_stats")
+_EMA_COLLECTIONS = ("ema_params", "ema_batch_stats")
+# The layout `convert import` wrote before the one above; still read.
+LEGACY_METADATA_FILE = "metadata.json"
+LEGACY_METADATA_FORMAT = "swiftformer-jax/imported-checkpoint"
 
 
 # ----------------------------------------------------------------------------------------------
-# What a checkpoint's network is
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """Everything the weights fix about the network, saved beside them as JSON.
-
-    `variant` names a row of the variant table ("XS", "S", "L1", "L3"); `depths` and `widths` are
-    the actual sizes (equal to the row, or a custom network built through `config.model.depths`
-    and `config.model.widths`, whose variant is then "custom").
-    """
-
-    variant: str
-    depths: tuple[int, ...]
-    widths: tuple[int, ...]
-    num_classes: int
-    distillation: bool
-    attention_version: int = 2
-
-    @classmethod
-    def from_variant(cls, variant: str, **kwargs: Any) -> "ModelInfo":
-        key = str(variant).upper()
-        if key not in VARIANTS:
-            raise ValueError(f"unknown SwiftFormer variant {variant!r}; valid names: {', '.join(VARIANTS)}")
-        spec = VARIANTS[key]
-        return cls(variant=key, depths=spec.depths, widths=spec.widths, **kwargs)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "ModelInfo":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        missing = fields - set(data) - {"attention_version"}
-        if missing:
-            raise ValueError(f"model description {dict(data)} lacks {sorted(missing)}")
-        kwargs = {k: v for k, v in data.items() if k in fields}
-        return cls(**{**kwargs, "depths": tuple(kwargs["depths"]), "widths": tuple(kwargs["widths"])})
-
-    def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "depths": list(self.depths), "widths": list(self.widths)}
-
-    def create(self, **kwargs: Any) -> SwiftFormer:
-        """The network; `kwargs` are the free choices (dtype, bn_group_size, drop rates)."""
-        spec = VARIANTS.get(self.variant)
-        common = dict(num_classes=self.num_classes, distillation=self.distillation,
-                      attention_version=self.attention_version, **kwargs)
-        if spec is not None and (spec.depths, spec.widths) == (self.depths, self.widths):
-            return create_model(self.variant, **common)
-        if len(self.depths) != 4 or len(self.widths) != 4 or min(self.depths + self.widths) < 1:
-            raise ValueError(f"custom network needs 4 positive depths and widths, got {self.depths}, {self.widths}")
-        return SwiftFormer(depths=tuple(self.depths), widths=tuple(self.widths), **common)
-
-
-# ----------------------------------------------------------------------------------------------
-# The trainer's checkpoint manager
+# The checkpoint manager
 # ----------------------------------------------------------------------------------------------
 
 
 class Checkpointer:
-    """orbax CheckpointManager for TrainStates in `WORKDIR/checkpoints`.
+    """orbax CheckpointManager of a checkpoint directory (the trainer's: `WORKDIR/checkpoints`).
 
     Every process calls every method (orbax coordinates multi-process saves); only the steps the
     trainer asks for are saved (`save` at interval steps, at the end, on preemption).
@@ -112,11 +68,11 @@ class Checkpointer:
     before its first save. Readers leave them alone: one may be a live run's save in progress.
     """
 
-    def __init__(self, workdir: str, *, keep: int, best_metric: str | None = None,
+    def __init__(self, directory: str, *, keep: int, best_metric: str | None = None,
                  asynchronous: bool = True, remove_unfinished: bool = False):
         if keep < 1:
-            raise ValueError(f"config.keep_checkpoints must be >= 1, got {keep}")
-        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = os.path.abspath(directory)
         self.best_metric = best_metric or None
         policies = [checkpoint_managers.LatestN(n=keep)]
         best_fn = None
@@ -126,6 +82,7 @@ class Checkpointer:
             policies.append(checkpoint_managers.BestN(
                 get_metric_fn=best_fn, n=1, keep_checkpoints_without_metrics=False,
             ))
+        self._asynchronous = asynchronous
         options = ocp.CheckpointManagerOptions(
             best_fn=best_fn,
             best_mode="max",
@@ -147,12 +104,12 @@ class Checkpointer:
     def all_steps(self) -> Sequence[int]:
         return self._manager.all_steps()
 
-    def save(self, step: int, state: Any, model_info: ModelInfo,
-             metrics: Mapping[str, float] | None = None) -> bool:
+    def save(self, step: int, state: Any, spec: ModelSpec,
+             metrics: Mapping[str, float] | None = None, source: Mapping[str, Any] | None = None) -> bool:
         """Start saving `state` as `step` (returns at once; arrays are copied off device first).
 
-        `metrics` (eval steps) must hold `best_metric` for the checkpoint to compete for "best".
-        Returns False when `step` is already saved.
+        `metrics` (eval steps) must hold `best_metric` for the checkpoint to compete for "best";
+        `source` (imports) is saved beside the spec. Returns False when `step` is already saved.
         """
         if step in self._manager.all_steps():
             return False
@@ -162,9 +119,12 @@ class Checkpointer:
             metrics = None
         args = ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardSave(state),
-            MODEL_ITEM: ocp.args.JsonSave(model_info.to_json()),
+            MODEL_ITEM: ocp.args.JsonSave({**spec.to_json(), **({"source": dict(source)} if source else {})}),
         })
-        return self._manager.save(step, args=args, metrics=metrics, force=True)
+        saved = self._manager.save(step, args=args, metrics=metrics, force=True)
+        log.info("Checkpoint of step %d %s %s.", step,
+                 "being written to" if self._asynchronous else "written to", self.directory)
+        return saved
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """The TrainState saved at `step`, placed as `abstract_state` says (ShapeDtypeStructs with
@@ -174,9 +134,10 @@ class Checkpointer:
         )
         return restored[STATE_ITEM]
 
-    def model_info(self, step: int) -> ModelInfo:
+    def spec(self, step: int) -> ModelSpec:
+        """The network saved with `step`."""
         restored = self._manager.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))
-        return ModelInfo.from_json(restored[MODEL_ITEM])
+        return ModelSpec.from_json(restored[MODEL_ITEM])
 
     def wait(self) -> None:
         """Block until every started save is on disk."""
@@ -209,14 +170,14 @@ class PreemptionWatcher:
         if self._multiprocess:
             return
         if threading.current_thread() is not threading.main_thread():
-            logging.warning("Not in the main thread: SIGTERM will not trigger a checkpoint.")
+            log.warning("Not in the main thread: SIGTERM will not trigger a checkpoint.")
             return
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
         del frame
-        logging.warning("Received signal %d: finishing this step, then saving a checkpoint.", signum)
+        log.warning("Received signal %d: finishing this step, then saving a checkpoint.", signum)
         self._flag.set()
 
     def request_stop(self) -> None:
@@ -246,16 +207,53 @@ class PreemptionWatcher:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading weights from anything we can read (init_from, teachers)
+# Writing weights alone (imports) and reading weights from any checkpoint
 # ----------------------------------------------------------------------------------------------
+
+
+def save_weights(output: str | os.PathLike, variables: Mapping, spec: ModelSpec, *,
+                 source: Mapping[str, Any] | None = None) -> None:
+    """Write {"params", "batch_stats"} as a checkpoint directory with one step (0), atomically.
+
+    `output` must not exist; the directory is built under a temporary sibling name and renamed
+    at the end, so a failure leaves nothing behind.
+    """
+    output = Path(output)
+    if output.exists():
+        raise FileExistsError(f"output already exists: {output}")
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"output directory does not exist: {output.parent}")
+    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        set_default_mode(temporary, 0o777)
+        manager = Checkpointer(str(temporary), keep=1, asynchronous=False)
+        try:
+            manager.save(0, {c: variables[c] for c in _VARIABLE_COLLECTIONS}, spec, source=source)
+        finally:
+            manager.close()
+        os.rename(temporary, output)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary)
+
+
+def set_default_mode(path: str | os.PathLike, mode: int) -> None:
+    """Give a tempfile-made path (created 0700 / 0600) the mode a plain open/mkdir would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
 
 
 def _is_step_dir(path: Path) -> bool:
     return (path / STATE_ITEM).is_dir() and (path / MODEL_ITEM).is_dir()
 
 
-def _manager_step_dir(path: Path) -> Path | None:
-    """The latest step directory under a checkpoints/ dir (or a workdir holding one), if any."""
+def find_step_dir(path: str | os.PathLike) -> Path | None:
+    """The step directory `path` means: itself, or the latest step of the checkpoint directory it
+    is or holds (a workdir holds one as `checkpoints/`). None when there is none."""
+    path = Path(path)
+    if _is_step_dir(path):
+        return path
     for root in (path / CHECKPOINT_DIR, path):
         steps = sorted(int(p.name) for p in root.glob("*") if p.name.isdigit() and _is_step_dir(p)) if root.is_dir() else []
         if steps:
@@ -263,82 +261,102 @@ def _manager_step_dir(path: Path) -> Path | None:
     return None
 
 
-def _restore_variables_from_step_dir(step_dir: Path, ema: bool) -> tuple[ModelInfo, dict]:
-    """params/batch_stats (or the EMA ones) of a trainer checkpoint, as host NumPy arrays."""
-    info = ModelInfo.from_json(ocp.JsonCheckpointHandler().restore(step_dir / MODEL_ITEM))
-    names = ("ema_params", "ema_batch_stats") if ema else _VARIABLE_COLLECTIONS
+def read_spec(step_dir: str | os.PathLike) -> ModelSpec:
+    """The `ModelSpec` saved in a step directory."""
+    return ModelSpec.from_json(ocp.JsonCheckpointHandler().restore(Path(step_dir) / MODEL_ITEM))
+
+
+def _restore_variables_from_step_dir(step_dir: Path, ema: bool) -> tuple[ModelSpec, dict]:
+    """params/batch_stats (or the EMA ones) of a step directory, as host NumPy arrays."""
+    spec = read_spec(step_dir)
+    names = _EMA_COLLECTIONS if ema else _VARIABLE_COLLECTIONS
     with ocp.PyTreeCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(step_dir / STATE_ITEM).item_metadata.tree
         missing = [n for n in names if n not in metadata]
         if missing:
-            raise ValueError(f"{step_dir} has no {missing} in its state: not a trainer checkpoint")
+            what = "EMA weights (it holds imported weights, or weights alone)" if ema else f"{missing}"
+            raise ValueError(f"{step_dir} has no {what}")
         item = {n: jax.tree_util.tree_map(lambda m: np.zeros((), m.dtype), metadata[n]) for n in names}
         restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
         restored = checkpointer.restore(
             step_dir / STATE_ITEM,
             args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
         )
-    return info, {"params": restored[names[0]], "batch_stats": restored[names[1]]}
+    return spec, {"params": restored[names[0]], "batch_stats": restored[names[1]]}
 
 
-def load_variables(path: str, *, ema: bool = False) -> tuple[ModelInfo, dict]:
-    """(ModelInfo, {"params", "batch_stats"}) from a checkpoint of any kind this package reads.
+def _read_legacy_import(directory: Path, ema: bool) -> tuple[ModelSpec, dict]:
+    """Weights of a directory that `convert import` wrote before the checkpoint-directory layout."""
+    import json
 
-    `path`: a training workdir / its checkpoints dir (latest step) / one step dir; an imported
-    checkpoint dir (metadata.json); or a PyTorch file. `ema` takes a trainer checkpoint's EMA
-    weights (or a released PyTorch checkpoint's `model_ema` entry) instead of the raw ones.
+    path = directory / LEGACY_METADATA_FILE
+    try:
+        metadata = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != LEGACY_METADATA_FORMAT:
+        raise ValueError(f"{path} is not swiftformer-jax checkpoint metadata (format != {LEGACY_METADATA_FORMAT!r})")
+    if ema:
+        raise ValueError(f"{directory} is an imported checkpoint: it holds one set of weights, no EMA")
+    spec = ModelSpec.from_json(metadata)
+    state = directory.resolve() / STATE_ITEM
+    if not state.is_dir():
+        raise FileNotFoundError(f"{directory} has no {STATE_ITEM}/ directory")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            variables = checkpointer.restore(state, spec.abstract_variables())
+    except Exception as error:  # noqa: BLE001 - orbax raises many types for a bad directory
+        raise ValueError(f"cannot restore {state} as {spec.describe()} variables: {first_line(error)}") from None
+    return spec, _to_numpy(variables)
+
+
+def load_variables(path: str | os.PathLike, *, ema: bool = False) -> tuple[ModelSpec, dict]:
+    """(ModelSpec, {"params", "batch_stats"} as host arrays) from any checkpoint this package reads.
+
+    `path`: a workdir / checkpoint directory (latest step) / step directory, a directory of the
+    earlier import layout, or a PyTorch file. `ema` takes a trainer checkpoint's EMA weights (or a
+    released PyTorch checkpoint's `model_ema` entry) instead of the raw ones.
     """
-    from swiftformer_jax import convert  # imports torch lazily; only this path needs it
-
-    source = Path(os.path.expanduser(path))
+    source = Path(os.path.expanduser(str(path)))
     if not source.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if source.is_file():
-        state_dict = convert.read_torch_file(source)
-        which = "model_ema" if ema else "model"
-        spec = convert.model_spec(state_dict, which=which)
-        version = convert.DEFAULT_ATTENTION_VERSION[convert.detect_naming(state_dict, which=which)]
-        variables = convert.from_torch(state_dict, spec.variant, which=which)
-        logging.info("Read %s (%s naming; attention version %d assumed; import it with "
-                     "`python -m swiftformer_jax.convert import` to state another).",
-                     source, convert.detect_naming(state_dict, which=which), version)
-        info = ModelInfo.from_variant(spec.variant, num_classes=spec.num_classes,
-                                      distillation=spec.distillation, attention_version=version)
-        return info, _to_numpy(variables)
-    if (source / convert.METADATA_FILE).is_file():
-        if ema:
-            raise ValueError(f"{source} is an imported checkpoint: it holds one set of weights, no EMA")
-        metadata = convert.read_metadata(source)
-        if metadata["features_only"]:
-            raise ValueError(f"{source} holds a feature extractor (features_only): no classifier to load")
-        _, variables, metadata = convert.load_checkpoint(source)
-        info = ModelInfo.from_variant(metadata["variant"], num_classes=metadata["num_classes"],
-                                      distillation=metadata["distillation"],
-                                      attention_version=metadata["attention_version"])
-        return info, _to_numpy(variables)
-    step_dir = source if _is_step_dir(source) else _manager_step_dir(source)
+        from swiftformer_jax import convert  # imports torch lazily; only this path needs it
+
+        return convert.read_torch_checkpoint(source, which="model_ema" if ema else "model")
+    if (source / LEGACY_METADATA_FILE).is_file():
+        return _read_legacy_import(source, ema)
+    step_dir = find_step_dir(source)
     if step_dir is None:
         raise ValueError(
-            f"{path} is neither a PyTorch file, an imported checkpoint (metadata.json), nor a "
-            f"training workdir / checkpoints directory / step directory of this trainer"
+            f"{path} is neither a checkpoint directory of this package (a workdir, its checkpoints/ "
+            f"directory, one step of it, or a `convert import` output) nor a PyTorch file"
         )
-    logging.info("Reading %s weights from %s.", "EMA" if ema else "raw", step_dir)
+    log.info("Reading %s weights from %s.", "EMA" if ema else "raw", step_dir)
     return _restore_variables_from_step_dir(step_dir, ema)
+
+
+def load_checkpoint(path: str | os.PathLike, *, ema: bool = False,
+                    **build_kwargs: Any) -> tuple[SwiftFormer, dict, ModelSpec]:
+    """(model, variables, spec) from any checkpoint `load_variables` reads.
+
+    The model is `spec.build(**build_kwargs)` (dtype, bn_group_size, drop rates); pass
+    `attention_version=` to override the recorded version. Variables are host NumPy arrays.
+    """
+    spec, variables = load_variables(path, ema=ema)
+    if "attention_version" in build_kwargs:
+        spec = dataclasses.replace(spec, attention_version=build_kwargs.pop("attention_version"))
+    return spec.build(**build_kwargs), variables, spec
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line (libraries' multi-line messages), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _to_numpy(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
-
-
-def load_classifier(path: str, *, ema: bool = False, **model_kwargs: Any) -> tuple[SwiftFormer, dict, ModelInfo]:
-    """(model, variables, info) for a frozen classifier, e.g. a distillation teacher.
-
-    `model_kwargs` go to the network (dtype). Checkpoints without a classifier are refused.
-    """
-    info, variables = load_variables(path, ema=ema)
-    if info.num_classes <= 0:
-        raise ValueError(f"{path} holds no classifier head (num_classes={info.num_classes})")
-    return info.create(**model_kwargs), variables, info
 
 
 def merge_pretrained(init_variables: Mapping, pretrained: Mapping, *,

@@ -1,6 +1,6 @@
 """PyTorch <-> Flax weights for SwiftFormer, and the `python -m swiftformer_jax.convert` command line.
 
-Three PyTorch namings of the same tensors are understood (DESIGN.md):
+Three PyTorch namings of the same tensors are understood:
   official  the authors' code: `patch_embed.{0,1,3,4}`, `network.{i}.{j}.*`, `norm`, `head`, `dist_head`
   hf        Hugging Face `SwiftFormerForImageClassification`: `swiftformer.patch_embed.patch_embedding.*`,
             `swiftformer.encoder.network.{i}.blocks.{j}.*` (`depth_wise_conv`, `point_wise_conv1/2`,
@@ -16,30 +16,27 @@ any mismatch raises one ValueError that lists the missing, unexpected and mis-sh
 (`num_batches_tracked` buffers are ignored on the way in). The model a state dict needs (variant,
 class count, distillation head, feature-pyramid norms) is read from its shapes: `model_spec`.
 
-The attention version (DESIGN.md: version 1 for Hugging Face and the first official release,
-version 2 for later official weights and timm) is not stored in any checkpoint: the same tensors
-compute different functions. The caller states it when building the model; the command line
-defaults to 1 for Hugging Face naming and 2 otherwise, and records it in the imported checkpoint.
+The attention version (version 1 for Hugging Face and the first official release, March 2023;
+version 2 for official weights since July 2023 and timm) is stored in no PyTorch checkpoint: the
+same tensors compute different functions. The caller states it; by default 1 for Hugging Face
+naming and 2 otherwise. `import` records it in the spec of the checkpoint it writes.
 
-Imported checkpoints are directories: `state/` (an orbax checkpoint of {"params", "batch_stats"})
-and `metadata.json` (model spec, attention version, source file and its sha256). `load_checkpoint`
-reads one back into (model, variables, metadata).
+`import` writes the package's one checkpoint layout (see `checkpoint.py`): a checkpoint directory
+whose step 0 holds {"params", "batch_stats"} and the `ModelSpec`, with the source file, its
+sha256, naming and entry. `export` reads any checkpoint `checkpoint.load_variables` reads.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import hashlib
-import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -47,17 +44,15 @@ import numpy as np
 from flax import traverse_util
 
 from swiftformer_jax import layout, ops
-from swiftformer_jax.model import VARIANTS, SwiftFormer, create_model
+from swiftformer_jax import checkpoint as checkpoint_lib
+from swiftformer_jax.checkpoint import load_checkpoint  # noqa: F401 - convert.load_checkpoint, as documented
+from swiftformer_jax.model import VARIANT_SIZES, ModelSpec
 
 NAMINGS = ("official", "hf", "timm")
 # Entries of the official training checkpoints ({'model', 'model_ema', 'optimizer', 'args', ...}).
 CHECKPOINT_ENTRIES = ("model", "model_ema")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")
 SAFETENSORS_SUFFIX = ".safetensors"
-METADATA_FILE = "metadata.json"
-STATE_DIR = "state"
-METADATA_FORMAT = "swiftformer-jax/imported-checkpoint"
-METADATA_FORMAT_VERSION = 1
 
 _DDP_PREFIX = "module."
 _HF_PREFIX = "swiftformer."
@@ -73,42 +68,16 @@ DEFAULT_ATTENTION_VERSION = {"official": 2, "hf": 1, "timm": 2}
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """What a set of weights fixes about the model; everything else (attention version, dtype,
-    drop rates, ghost batch norm) is the caller's choice and goes to `create_model`.
-
-    `num_classes` 0 means no classifier (pooled features out); `features_only` means the four
-    feature-pyramid norms of the official `fork_feat` model instead of the classifier.
-    """
-
-    variant: str
-    num_classes: int = 1000
-    distillation: bool = True
-    features_only: bool = False
-
-    def create_model(self, **kwargs: Any) -> SwiftFormer:
-        """`create_model` for these weights; `kwargs` are the other `create_model` arguments."""
-        fixed = {f.name for f in dataclasses.fields(self)} & set(kwargs)
-        if fixed:
-            raise ValueError(
-                f"{sorted(fixed)} are fixed by the weights ({self}); pass only other create_model "
-                "arguments (attention_version, dtype, drop_path_rate, ...)"
-            )
-        return create_model(
-            self.variant, num_classes=self.num_classes, distillation=self.distillation,
-            features_only=self.features_only, **kwargs,
-        )
-
-
-def model_spec(state_dict: Mapping, variant: str | None = None, *, which: str = "model") -> ModelSpec:
+def model_spec(state_dict: Mapping, variant: str | None = None, *, which: str = "model",
+               attention_version: int | None = None) -> ModelSpec:
     """The `ModelSpec` a PyTorch state dict (any naming, any wrapping) needs.
 
     The variant comes from the stage depths and widths unless given; the class count from the
     head's shape; distillation from the presence of a second head; `features_only` from the
-    official `norm0`..`norm6` feature norms. Shapes are not checked here: `from_torch` does that.
+    official `norm0`..`norm6` feature norms; the attention version, which no tensor fixes, is
+    `attention_version` or the naming's default. Shapes are not checked here: `from_torch` does.
     """
-    return _spec_from_tensors(_canonical(state_dict, which), variant)
+    return _spec_from_tensors(_canonical(state_dict, which), variant, attention_version)
 
 
 def infer_variant(state_dict: Mapping, *, which: str = "model") -> str:
@@ -135,14 +104,15 @@ def from_torch(state_dict: Mapping, variant: str | None = None, *, which: str = 
     Accepts official, Hugging Face and timm naming; torch tensors or NumPy arrays; the release
     format {'model': ..., 'model_ema': ...} (`which` picks the entry), DDP's `module.` prefix and
     Hugging Face's `swiftformer.` prefix. The variant is inferred when None. The result has exactly
-    the tree `model_spec(state_dict).create_model().init(...)` produces, in float32.
+    the tree `model_spec(state_dict).build().init(...)` produces, in float32.
     Raises one ValueError listing every missing, unexpected and mis-shaped key.
     """
     return _convert(_canonical(state_dict, which), variant)[1]
 
 
-def _convert(weights: "_Canonical", variant: str | None) -> tuple[ModelSpec, dict]:
-    spec = _spec_from_tensors(weights, variant)
+def _convert(weights: "_Canonical", variant: str | None,
+             attention_version: int | None = None) -> tuple[ModelSpec, dict]:
+    spec = _spec_from_tensors(weights, variant, attention_version)
     expected = _expected_leaves(spec)  # official key -> (flax key tuple, ShapeDtypeStruct)
     missing = [key for key in expected if key not in weights.tensors]
     unexpected = list(weights.rejected) + [key for key in weights.tensors if key not in expected]
@@ -171,9 +141,7 @@ def _convert(weights: "_Canonical", variant: str | None) -> tuple[ModelSpec, dic
 def _mismatch_message(spec, weights, missing, unexpected, misshaped) -> str:
     counts = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped"
     lines = [
-        f"state dict ({weights.naming} naming) does not match SwiftFormer-{spec.variant} "
-        f"(num_classes={spec.num_classes}, distillation={spec.distillation}, "
-        f"features_only={spec.features_only}): {counts}"
+        f"state dict ({weights.naming} naming) does not match {spec.describe()}: {counts}"
     ]
     for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if items:
@@ -183,17 +151,13 @@ def _mismatch_message(spec, weights, missing, unexpected, misshaped) -> str:
     return "\n".join(lines)
 
 
-@functools.lru_cache(maxsize=None)
 def _expected_leaves(spec: ModelSpec) -> dict[str, tuple[tuple[str, ...], jax.ShapeDtypeStruct]]:
     """Official key -> (Flax key (collection, *path), shape and dtype) for every leaf of the model.
 
     Read from `jax.eval_shape` of the model's own `init`, so the tree is by construction the one
-    `create_model(...).init` produces (the attention version does not change it).
+    `spec.build().init` produces.
     """
-    model = spec.create_model()
-    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-    shapes = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False), images)
-    flat = traverse_util.flatten_dict(shapes)
+    flat = traverse_util.flatten_dict(spec.abstract_variables())
     return {
         layout.official_key(flax_key[0], flax_key[1:]): (flax_key, flat[flax_key])
         for flax_key in sorted(flat, key=_module_order)
@@ -477,10 +441,10 @@ def _as_numpy(value) -> np.ndarray | None:
 
 def _infer_variant(weights: _Canonical) -> str:
     depths, widths = _stage_structure(weights)
-    for name, variant in VARIANTS.items():
-        if variant.depths == depths and variant.widths == widths:
+    for name, sizes in VARIANT_SIZES.items():
+        if sizes == (depths, widths):
             return name
-    known = "; ".join(f"{n} depths {v.depths} widths {v.widths}" for n, v in VARIANTS.items())
+    known = "; ".join(f"{n} depths {d} widths {w}" for n, (d, w) in VARIANT_SIZES.items())
     if not any(d for d in depths):
         first = list(weights.source_names.values())[:5] + list(weights.rejected)[:5]
         raise ValueError(
@@ -512,19 +476,18 @@ def _stage_structure(weights: _Canonical) -> tuple[tuple[int, ...], tuple[int | 
     return depths, widths
 
 
-def _spec_from_tensors(weights: _Canonical, variant: str | None) -> ModelSpec:
-    if variant is None:
-        variant = _infer_variant(weights)
-    elif str(variant).upper() not in VARIANTS:
-        raise ValueError(f"unknown SwiftFormer variant {variant!r}; valid names: {', '.join(VARIANTS)}")
-    variant = str(variant).upper()
+def _spec_from_tensors(weights: _Canonical, variant: str | None, attention_version: int | None) -> ModelSpec:
+    variant = _infer_variant(weights) if variant is None else variant
+    version = DEFAULT_ATTENTION_VERSION[weights.naming] if attention_version is None else attention_version
     tensors = weights.tensors
-    if any(re.match(r"norm[0246]\.", key) for key in tensors):
-        return ModelSpec(variant, num_classes=0, distillation=False, features_only=True)
     head = tensors.get("head.weight")
-    if head is None or head.ndim != 2:
-        return ModelSpec(variant, num_classes=0, distillation=False)
-    return ModelSpec(variant, num_classes=int(head.shape[0]), distillation="dist_head.weight" in tensors)
+    if any(re.match(r"norm[0246]\.", key) for key in tensors):
+        heads = dict(num_classes=0, distillation=False, features_only=True)
+    elif head is None or head.ndim != 2:
+        heads = dict(num_classes=0, distillation=False)
+    else:
+        heads = dict(num_classes=int(head.shape[0]), distillation="dist_head.weight" in tensors)
+    return ModelSpec.named(variant, attention_version=version, **heads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,7 +511,7 @@ def read_torch_file(path: str | os.PathLike) -> Mapping:
         try:
             return load_file(str(path), device="cpu")
         except Exception as error:  # noqa: BLE001 - any failure here means "not a readable file"
-            raise ValueError(f"cannot read {path} as a safetensors file: {_first_line(error)}") from None
+            raise ValueError(f"cannot read {path} as a safetensors file: {checkpoint_lib.first_line(error)}") from None
     if path.suffix not in TORCH_SUFFIXES:
         raise ValueError(
             f"cannot read {path}: unsupported file type {path.suffix!r}; expected one of "
@@ -561,7 +524,7 @@ def read_torch_file(path: str | os.PathLike) -> Mapping:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
         unsupported = re.search(r"Unsupported global: GLOBAL [\w.]+", str(error))
-        reason = unsupported.group(0) if unsupported else _first_line(error)
+        reason = unsupported.group(0) if unsupported else checkpoint_lib.first_line(error)
         raise ValueError(
             f"cannot read {path} as a PyTorch checkpoint (not a torch.save file, truncated, or it "
             f"holds objects other than tensors): {type(error).__name__}: {reason}"
@@ -586,7 +549,7 @@ def write_torch_file(state_dict: Mapping[str, np.ndarray], path: str | os.PathLi
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(descriptor)
     try:
-        _set_default_mode(temporary, 0o666)
+        checkpoint_lib.set_default_mode(temporary, 0o666)
         if path.suffix == SAFETENSORS_SUFFIX:
             from safetensors.torch import save_file
 
@@ -607,6 +570,16 @@ def _check_torch_suffix(path: Path) -> None:
         )
 
 
+def read_torch_checkpoint(path: str | os.PathLike, *, which: str = "model",
+                          variant: str | None = None,
+                          attention_version: int | None = None) -> tuple[ModelSpec, dict]:
+    """(ModelSpec, Flax variables as NumPy arrays) from a PyTorch file: `read_torch_file`, then
+    the strict `from_torch`. The attention version defaults to the naming's (module docstring)."""
+    weights = _canonical(read_torch_file(path), which)
+    spec, variables = _convert(weights, variant, attention_version)
+    return spec, jax.tree_util.tree_map(np.asarray, variables)
+
+
 def import_checkpoint(
     checkpoint: str | os.PathLike,
     output: str | os.PathLike,
@@ -614,128 +587,41 @@ def import_checkpoint(
     variant: str | None = None,
     attention_version: int | None = None,
     which: str = "model",
-) -> dict:
-    """Convert a PyTorch checkpoint file into an imported checkpoint directory; returns its metadata.
+) -> tuple[ModelSpec, dict]:
+    """Convert a PyTorch checkpoint file into a checkpoint directory (see `checkpoint.py`).
 
-    `attention_version` None takes the naming's default (1 for Hugging Face, else 2). The directory
-    is built under a temporary sibling name and renamed at the end; it must not exist yet.
+    `attention_version` None takes the naming's default (1 for Hugging Face, else 2). The output
+    must not exist; it is written aside and renamed at the end. Returns the spec and the source
+    description (file, sha256, naming, entry) it recorded.
     """
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"output already exists: {output}")
     if not output.parent.is_dir():
         raise FileNotFoundError(f"output directory does not exist: {output.parent}")
-    if attention_version is not None and attention_version not in ops.ATTENTION_VERSIONS:
-        raise ValueError(
-            f"attention version must be one of {ops.ATTENTION_VERSIONS}, got {attention_version}"
-        )
     source = Path(checkpoint)
     weights = _canonical(read_torch_file(source), which)
-    spec, variables = _convert(weights, variant)
-    if attention_version is None:
-        attention_version = DEFAULT_ATTENTION_VERSION[weights.naming]
-    metadata = {
-        "format": METADATA_FORMAT,
-        "format_version": METADATA_FORMAT_VERSION,
-        **dataclasses.asdict(spec),
-        "attention_version": attention_version,
-        "source": {
-            "file": str(source.resolve()),
-            "sha256": _sha256(source),
-            "naming": weights.naming,
-            "entry": weights.entry,
-        },
-    }
-    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
-        _set_default_mode(temporary, 0o777)
-        _save_state(temporary / STATE_DIR, variables)
-        (temporary / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        os.rename(temporary, output)
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary)
-    return metadata
+    spec, variables = _convert(weights, variant, attention_version)
+    provenance = {"file": str(source.resolve()), "sha256": _sha256(source), "naming": weights.naming,
+                  "entry": weights.entry}
+    checkpoint_lib.save_weights(output, variables, spec, source=provenance)
+    return spec, provenance
 
 
 def export_checkpoint(
-    directory: str | os.PathLike, output: str | os.PathLike, *, naming: str = "official",
-    num_batches_tracked: bool = True,
-) -> None:
-    """Write an imported checkpoint directory back as a PyTorch state dict file (see `to_torch`)."""
+    checkpoint: str | os.PathLike, output: str | os.PathLike, *, naming: str = "official",
+    ema: bool = False, num_batches_tracked: bool = True,
+) -> ModelSpec:
+    """Write the weights of any checkpoint (imported, or a trainer's workdir / step; `ema` for its
+    EMA weights) as a PyTorch state dict file (see `to_torch`). Returns the checkpoint's spec."""
     _check_naming(naming)
     output = Path(output)
     _check_torch_suffix(output)
     if output.exists():
         raise FileExistsError(f"output already exists: {output}")
-    _, variables, _ = load_checkpoint(directory)
+    spec, variables = checkpoint_lib.load_variables(checkpoint, ema=ema)
     write_torch_file(to_torch(variables, naming, num_batches_tracked=num_batches_tracked), output)
-
-
-def read_metadata(directory: str | os.PathLike) -> dict:
-    """The metadata.json of an imported checkpoint directory, checked for format and fields."""
-    path = Path(directory) / METADATA_FILE
-    if not Path(directory).is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not an imported checkpoint (no {METADATA_FILE})")
-    try:
-        metadata = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT:
-        raise ValueError(f"{path} is not swiftformer-jax checkpoint metadata (format != {METADATA_FORMAT!r})")
-    missing = [f.name for f in dataclasses.fields(ModelSpec)] + ["attention_version"]
-    missing = [name for name in missing if name not in metadata]
-    if missing:
-        raise ValueError(f"{path} lacks the fields {missing}")
-    return metadata
-
-
-def load_checkpoint(directory: str | os.PathLike, **model_kwargs: Any) -> tuple[SwiftFormer, dict, dict]:
-    """(model, variables, metadata) from an imported checkpoint directory.
-
-    The model is built from the metadata (variant, classes, distillation, attention version);
-    `model_kwargs` are further `create_model` arguments (dtype, drop_path_rate, bn_group_size,
-    or attention_version to override the recorded one). Variables come back as
-    {"params", "batch_stats"} on the default device.
-    """
-    import orbax.checkpoint as ocp
-
-    metadata = read_metadata(directory)
-    spec = ModelSpec(
-        variant=metadata["variant"], num_classes=metadata["num_classes"],
-        distillation=metadata["distillation"], features_only=metadata["features_only"],
-    )
-    model = spec.create_model(**{"attention_version": metadata["attention_version"], **model_kwargs})
-    expected = _expected_leaves(spec)
-    abstract = traverse_util.unflatten_dict({flax_key: s for flax_key, s in expected.values()})
-    state = Path(directory).resolve() / STATE_DIR
-    if not state.is_dir():
-        raise FileNotFoundError(f"{directory} has no {STATE_DIR}/ directory")
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            variables = checkpointer.restore(state, abstract)
-    except Exception as error:  # noqa: BLE001 - orbax raises many types for a bad directory
-        raise ValueError(
-            f"cannot restore {state} as SwiftFormer-{spec.variant} variables: {_first_line(error)}"
-        ) from None
-    return model, variables, metadata
-
-
-def _save_state(path: Path, variables: Mapping) -> None:
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path.resolve(), variables)
-        checkpointer.wait_until_finished()
-
-
-def _set_default_mode(path: str | os.PathLike, mode: int) -> None:
-    """Give a tempfile-made path (created 0700 / 0600) the mode a plain open/mkdir would give."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
+    return spec
 
 
 def _sha256(path: Path) -> str:
@@ -744,11 +630,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -767,15 +648,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("--checkpoint", required=True, help="PyTorch checkpoint file")
     imp.add_argument("--output", required=True, help="directory to create (must not exist)")
-    imp.add_argument("--variant", choices=list(VARIANTS), type=str.upper, help="default: from shapes")
+    imp.add_argument("--variant", choices=list(VARIANT_SIZES), type=str.upper, help="default: from shapes")
     imp.add_argument(
         "--attention-version", type=int, choices=ops.ATTENTION_VERSIONS,
         help="1: first official release (March 2023) and Hugging Face; 2: official since July 2023 "
         "and timm. Default: 1 for Hugging Face naming, else 2",
     )
     imp.add_argument("--ema", action="store_true", help="take 'model_ema' from a training checkpoint")
-    exp = commands.add_parser("export", help="orbax dir (made by import or training) -> PyTorch file")
-    exp.add_argument("--checkpoint", required=True, help="imported checkpoint directory")
+    exp = commands.add_parser("export", help="checkpoint (made by import or training) -> PyTorch file")
+    exp.add_argument("--checkpoint", required=True, help="imported checkpoint, workdir or step directory")
+    exp.add_argument("--ema", action="store_true", help="export a trainer checkpoint's EMA weights")
     exp.add_argument("--naming", choices=NAMINGS, default="official")
     exp.add_argument("--output", required=True, help=".pth/.pt/.bin or .safetensors file (must not exist)")
     return parser
@@ -786,21 +668,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "import":
-            metadata = import_checkpoint(
-                args.checkpoint, args.output, variant=args.variant,
-                attention_version=args.attention_version, which="model_ema" if args.ema else "model",
-            )
-            source = metadata["source"]
+            which = "model_ema" if args.ema else "model"
+            spec, source = import_checkpoint(args.checkpoint, args.output, variant=args.variant,
+                                             attention_version=args.attention_version, which=which)
             entry = f", entry {source['entry']!r}" if source["entry"] else ""
-            print(
-                f"imported SwiftFormer-{metadata['variant']} ({metadata['num_classes']} classes, "
-                f"distillation={metadata['distillation']}, features_only={metadata['features_only']}, "
-                f"attention version {metadata['attention_version']}; {source['naming']} naming{entry}) "
-                f"into {args.output}"
-            )
+            print(f"imported {spec.describe()} ({source['naming']} naming{entry}) into {args.output}")
         else:
-            export_checkpoint(args.checkpoint, args.output, naming=args.naming)
-            print(f"exported {args.checkpoint} with {args.naming} naming to {args.output}")
+            spec = export_checkpoint(args.checkpoint, args.output, naming=args.naming, ema=args.ema)
+            print(f"exported {spec.describe()} from {args.checkpoint} with {args.naming} naming to {args.output}")
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

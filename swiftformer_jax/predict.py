@@ -1,12 +1,13 @@
-"""Top-k class predictions for image files with an imported SwiftFormer checkpoint.
+"""Top-k class predictions for image files with a SwiftFormer checkpoint.
 
-    python -m swiftformer_jax.predict --checkpoint DIR [--names FILE] [--top-k 5] IMAGE...
+    python -m swiftformer_jax.predict --checkpoint PATH [--ema] [--names FILE] [--top-k 5] IMAGE...
 
-`DIR` is a directory written by `python -m swiftformer_jax.convert import` (or any directory
-`convert.load_checkpoint` reads). Preprocessing is the official evaluation transform
-(util/datasets.py `build_transform` of Amshaker/SwiftFormer): resize the shorter side to
-int(256 / 224 * 224) = 256 pixels with bicubic interpolation, centre-crop 224 x 224, scale to [0, 1]
-and normalise with the ImageNet mean and std. Pillow decodes and resizes, as torchvision does for
+`PATH` is any checkpoint `checkpoint.load_checkpoint` reads: a `convert import` output, a
+training workdir or one of its steps. Preprocessing is the official evaluation transform
+(util/datasets.py `build_transform` of Amshaker/SwiftFormer) at the checkpoint's image size S
+(224 for imported weights): resize the shorter side to int(256 / 224 * S) pixels (256 at 224)
+with bicubic interpolation, centre-crop S x S, scale to [0, 1] and normalise with the ImageNet
+mean and std. Pillow decodes and resizes, as torchvision does for
 PIL images, and the resize and crop geometry follow torchvision's rounding, so the network sees the
 same pixels as in the official evaluation.
 
@@ -27,11 +28,16 @@ from typing import Sequence
 import numpy as np
 
 from swiftformer_jax import xla_flags
+from swiftformer_jax.model import IMAGENET_MEAN, IMAGENET_STD
+
+
+def resize_for(crop_size: int) -> int:
+    """The shorter side the official eval transform resizes to before a `crop_size` crop."""
+    return int(256 / 224 * crop_size)
+
 
 CROP_SIZE = 224
-RESIZE_SIZE = int(256 / 224 * CROP_SIZE)  # 256, the official eval transform's ratio
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_SIZE = resize_for(CROP_SIZE)  # 256
 IMAGENET_CLASSES = 1000
 # Inside the installed tensorflow_datasets package (found without importing it).
 TFDS_IMAGENET_LABELS = ("datasets", "imagenet2012", "labels.txt")
@@ -61,10 +67,11 @@ def center_crop_box(width: int, height: int, crop: int = CROP_SIZE) -> tuple[int
     return left, top, left + crop, top + crop
 
 
-def preprocess(image, crop_size: int = CROP_SIZE, resize_size: int = RESIZE_SIZE) -> np.ndarray:
+def preprocess(image, crop_size: int = CROP_SIZE, resize_size: int | None = None) -> np.ndarray:
     """PIL image -> float32 [crop_size, crop_size, 3] array, normalised (official eval transform)."""
     from PIL import Image
 
+    resize_size = resize_for(crop_size) if resize_size is None else resize_size
     image = image.convert("RGB")
     image = image.resize(resized_size(*image.size, resize_size), Image.Resampling.BICUBIC)
     image = image.crop(center_crop_box(*image.size, crop_size))
@@ -150,9 +157,11 @@ def make_classifier(model, variables):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m swiftformer_jax.predict",
-        description="Top-k classes of images with an imported SwiftFormer checkpoint.",
+        description="Top-k classes of images with a SwiftFormer checkpoint.",
     )
-    parser.add_argument("--checkpoint", required=True, help="directory from `convert import`")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a `convert import` output, a training workdir or one of its step directories")
+    parser.add_argument("--ema", action="store_true", help="use a trainer checkpoint's EMA weights")
     parser.add_argument("--names", help="class names, one per line in class-index order")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("images", nargs="+", metavar="IMAGE")
@@ -166,15 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.top_k < 1:
             raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
-        from swiftformer_jax import convert
+        from swiftformer_jax import checkpoint
 
-        metadata = convert.read_metadata(args.checkpoint)
-        if metadata["features_only"] or metadata["num_classes"] == 0:
-            raise ValueError(f"{args.checkpoint} holds a backbone without a classifier head")
-        names = read_names(args.names, metadata["num_classes"]) if args.names else None
-        labels = class_labels(metadata["num_classes"], names)
-        images = [(path, preprocess(load_image(path))) for path in args.images]  # all readable first
-        model, variables, _ = convert.load_checkpoint(args.checkpoint)
+        model, variables, spec = checkpoint.load_checkpoint(args.checkpoint, ema=args.ema)
+        if not spec.has_classifier:
+            raise ValueError(f"{args.checkpoint} holds a backbone without a classifier head ({spec.describe()})")
+        names = read_names(args.names, spec.num_classes) if args.names else None
+        labels = class_labels(spec.num_classes, names)
+        # Every image readable before the first is classified.
+        images = [(path, preprocess(load_image(path), spec.image_size)) for path in args.images]
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from swiftformer_jax import checkpoint, convert
+from swiftformer_jax.model import ModelSpec
 
-TINY = checkpoint.ModelInfo("custom", (1, 1, 1, 1), (8, 16, 16, 24), 10, True)
+TINY = ModelSpec((1, 1, 1, 1), (8, 16, 16, 24), 10, True)
 
 
 def tiny_variables(info=TINY, seed=0):
-    model = info.create()
+    model = info.build()
     abstract = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3))))
     rs = np.random.RandomState(seed)
     return jax.tree_util.tree_map(lambda s: np.abs(rs.normal(0.5, 0.1, s.shape)).astype(s.dtype), abstract)
@@ -34,21 +35,21 @@ def fake_state(step, variables):
     }
 
 
-def test_model_info_round_trip_and_create():
-    for info in (TINY, dataclasses.replace(TINY, attention_version=1, distillation=False)):
-        assert checkpoint.ModelInfo.from_json(json.loads(json.dumps(info.to_json()))) == info
-    xs = checkpoint.ModelInfo.from_variant("xs", num_classes=5, distillation=False, attention_version=1)
-    assert (xs.variant, xs.depths, xs.widths) == ("XS", (3, 3, 6, 4), (48, 56, 112, 220))
-    model = xs.create(dtype=jnp.bfloat16)
-    assert (model.num_classes, model.distillation, model.attention_version, model.dtype) == (5, False, 1, jnp.bfloat16)
-    assert TINY.create().widths == (8, 16, 16, 24)
-    with pytest.raises(ValueError, match="unknown SwiftFormer variant"):
-        checkpoint.ModelInfo.from_variant("M", num_classes=1, distillation=False)
+def test_the_spec_is_saved_with_the_checkpoint_and_read_back(tmp_path):
+    for spec in (TINY, dataclasses.replace(TINY, attention_version=1, distillation=False, image_size=64)):
+        assert ModelSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    manager = checkpoint.Checkpointer(os.path.join(tmp_path, "c"), keep=1, asynchronous=False)
+    try:
+        manager.save(1, fake_state(1, tiny_variables()), TINY)
+        assert manager.spec(1) == TINY
+    finally:
+        manager.close()
+    assert checkpoint.read_spec(checkpoint.find_step_dir(tmp_path / "c")) == TINY
 
 
 def test_keeps_the_last_n_and_the_best_and_restores(tmp_path):
     variables = tiny_variables()
-    manager = checkpoint.Checkpointer(str(tmp_path), keep=2, best_metric="eval/accuracy", asynchronous=True)
+    manager = checkpoint.Checkpointer(os.path.join(tmp_path, checkpoint.CHECKPOINT_DIR), keep=2, best_metric="eval/accuracy", asynchronous=True)
     accuracy = {2: 0.5, 4: 0.9, 6: 0.7}
     try:
         for step in range(1, 7):
@@ -60,7 +61,7 @@ def test_keeps_the_last_n_and_the_best_and_restores(tmp_path):
         assert manager.best_step() == 4 and manager.latest_step() == 6
         target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), fake_state(4, variables))
         restored = manager.restore(4, target)
-        assert manager.model_info(4) == TINY
+        assert manager.spec(4) == TINY
     finally:
         manager.close()
     assert int(restored["step"]) == 4
@@ -72,7 +73,7 @@ def test_keeps_the_last_n_and_the_best_and_restores(tmp_path):
 def trainer_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("workdir")
     variables = tiny_variables()
-    manager = checkpoint.Checkpointer(str(workdir), keep=3, asynchronous=False)
+    manager = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=3, asynchronous=False)
     try:
         manager.save(3, fake_state(3, tiny_variables(seed=1)), TINY)
         manager.save(7, fake_state(7, variables), TINY)
@@ -92,32 +93,69 @@ def test_load_variables_from_a_trainer_checkpoint(trainer_workdir, where):
         np.testing.assert_array_equal(a, b)
     _, ema = checkpoint.load_variables(path, ema=True)
     np.testing.assert_allclose(ema["params"]["head"]["kernel"], variables["params"]["head"]["kernel"] * 0.5)
-    model, classifier_vars, _ = checkpoint.load_classifier(path)
+    model, classifier_vars, spec = checkpoint.load_checkpoint(path)
     logits = model.apply(classifier_vars, jnp.zeros((2, 32, 32, 3)), train=False)
-    assert logits.shape == (2, 10)
+    assert logits.shape == (2, 10) and spec == TINY
 
 
 def test_load_variables_from_pytorch_and_imported_checkpoints(tmp_path):
-    info = checkpoint.ModelInfo.from_variant("XS", num_classes=1000, distillation=True)
-    variables = tiny_variables(info)
+    spec = ModelSpec.named("XS", num_classes=1000, distillation=True)
+    variables = tiny_variables(spec)
     torch_file = tmp_path / "xs.pth"
     convert.write_torch_file(convert.to_torch(variables), torch_file)
     imported = tmp_path / "imported"
     convert.import_checkpoint(torch_file, imported, attention_version=1)
-    for path, version in ((torch_file, 2), (imported, 1)):
-        loaded_info, loaded = checkpoint.load_variables(str(path))
-        assert loaded_info == checkpoint.ModelInfo.from_variant("XS", num_classes=1000, distillation=True,
-                                                                attention_version=version)
+    # The import is a checkpoint directory like the trainer's: one step (0), its state and spec.
+    assert sorted(p.name for p in imported.iterdir() if not p.name.startswith(".")) == ["0"]
+    assert {checkpoint.STATE_ITEM, checkpoint.MODEL_ITEM} <= {p.name for p in (imported / "0").iterdir()}
+    for path, version in ((torch_file, 2), (imported, 1), (imported / "0", 1)):
+        loaded_spec, loaded = checkpoint.load_variables(str(path))
+        assert loaded_spec == dataclasses.replace(spec, attention_version=version)
         np.testing.assert_allclose(loaded["params"]["network_6"]["block_3"]["attn"]["w_g"],
                                    variables["params"]["network_6"]["block_3"]["attn"]["w_g"])
-    with pytest.raises(ValueError, match="neither a PyTorch file"):
+    with pytest.raises(ValueError, match="no EMA weights"):
+        checkpoint.load_variables(imported, ema=True)
+    with pytest.raises(ValueError, match="neither a checkpoint directory of this package"):
         checkpoint.load_variables(str(tmp_path))
     with pytest.raises(FileNotFoundError):
         checkpoint.load_variables(str(tmp_path / "missing"))
 
 
+def test_directories_of_the_earlier_layouts_still_load(tmp_path):
+    """What earlier versions wrote: an import as `metadata.json` + `state/`, and trainer steps
+    whose model JSON has neither `features_only` nor `image_size`."""
+    import orbax.checkpoint as ocp
+
+    spec = ModelSpec.named("XS", num_classes=1000, distillation=True, attention_version=1)
+    variables = tiny_variables(spec)
+    legacy = tmp_path / "legacy-import"
+    legacy.mkdir()
+    with ocp.StandardCheckpointer() as saver:
+        saver.save((legacy / "state").resolve(), variables)
+    (legacy / "metadata.json").write_text(json.dumps({
+        "format": "swiftformer-jax/imported-checkpoint", "format_version": 1, "variant": "XS",
+        "num_classes": 1000, "distillation": True, "features_only": False, "attention_version": 1,
+        "source": {"file": "/x/swiftformer_xs.pth", "sha256": "0" * 64, "naming": "official", "entry": None},
+    }))
+    model, loaded, loaded_spec = checkpoint.load_checkpoint(legacy)
+    assert loaded_spec == spec and model.attention_version == 1
+    for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(variables)):
+        np.testing.assert_array_equal(a, b)
+
+    trainer = tmp_path / "trainer" / checkpoint.CHECKPOINT_DIR
+    manager = checkpoint.Checkpointer(str(trainer), keep=1, asynchronous=False)
+    try:
+        manager.save(5, fake_state(5, tiny_variables()), TINY)
+    finally:
+        manager.close()
+    model_json = next((trainer / "5" / checkpoint.MODEL_ITEM).iterdir())
+    old = {k: v for k, v in json.loads(model_json.read_text()).items() if k not in ("features_only", "image_size")}
+    model_json.write_text(json.dumps({**old, "variant": "custom"}))
+    assert checkpoint.load_variables(tmp_path / "trainer")[0] == TINY
+
+
 def test_merge_pretrained_reinitialises_only_heads():
-    fresh = tiny_variables(checkpoint.ModelInfo("custom", (1, 1, 1, 1), (8, 16, 16, 24), 3, False), seed=1)
+    fresh = tiny_variables(ModelSpec((1, 1, 1, 1), (8, 16, 16, 24), 3, False), seed=1)
     source = tiny_variables(seed=2)  # 10 classes + dist_head
     merged, notes = checkpoint.merge_pretrained(fresh, source)
     np.testing.assert_array_equal(merged["params"]["head"]["kernel"], fresh["params"]["head"]["kernel"])
@@ -125,7 +163,7 @@ def test_merge_pretrained_reinitialises_only_heads():
     np.testing.assert_array_equal(merged["batch_stats"]["norm"]["var"], source["batch_stats"]["norm"]["var"])
     assert any(n.startswith("params/head/kernel re-initialised") for n in notes)
     assert any("params/dist_head" in n for n in notes if n.startswith("not used"))
-    other = tiny_variables(checkpoint.ModelInfo("custom", (1, 1, 1, 1), (8, 16, 16, 32), 10, True))
+    other = tiny_variables(ModelSpec((1, 1, 1, 1), (8, 16, 16, 32), 10, True))
     with pytest.raises(ValueError, match="does not fit the configured network"):
         checkpoint.merge_pretrained(fresh, other)
 
@@ -149,7 +187,7 @@ def test_unfinished_saves_are_removed_by_the_trainer_only(tmp_path, remove_unfin
     unfinished = tmp_path / checkpoint.CHECKPOINT_DIR / "37.orbax-checkpoint-tmp"
     (unfinished / checkpoint.STATE_ITEM).mkdir(parents=True)
     (unfinished / checkpoint.STATE_ITEM / "partial").write_text("half a checkpoint")
-    checkpointer = checkpoint.Checkpointer(str(tmp_path), keep=1, asynchronous=False,
+    checkpointer = checkpoint.Checkpointer(os.path.join(tmp_path, checkpoint.CHECKPOINT_DIR), keep=1, asynchronous=False,
                                            remove_unfinished=remove_unfinished)
     assert checkpointer.latest_step() is None  # never a step, removed or not
     checkpointer.save(2, fake_state(2, tiny_variables()), TINY)  # orbax finishes its clean-up first

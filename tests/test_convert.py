@@ -24,7 +24,8 @@ from flax import traverse_util
 
 import torch_reference as ref
 from swiftformer_jax import convert, create_model, predict
-from swiftformer_jax.model import VARIANTS
+from swiftformer_jax import checkpoint
+from swiftformer_jax.model import VARIANTS, ModelSpec
 
 NBT = "num_batches_tracked"
 
@@ -194,22 +195,23 @@ def test_model_spec_single_head_other_classes_and_headless():
     single = {k: v for k, v in ten.items() if not k.startswith("dist_head.")}
     headless = {k: v for k, v in official.items() if not k.startswith(("head.", "dist_head."))}
     cases = [
-        (official, convert.ModelSpec("XS", 1000, True)),
-        (ten, convert.ModelSpec("XS", 10, True)),
-        (single, convert.ModelSpec("XS", 10, False)),
-        (headless, convert.ModelSpec("XS", 0, False)),
+        (official, ModelSpec.named("XS", num_classes=1000, distillation=True)),
+        (ten, ModelSpec.named("XS", num_classes=10, distillation=True)),
+        (single, ModelSpec.named("XS", num_classes=10, distillation=False)),
+        (headless, ModelSpec.named("XS", num_classes=0, distillation=False)),
     ]
     for state, spec in cases:
         assert convert.model_spec(state) == spec
         variables = convert.from_torch(state)
         assert_same_tree(variables, init_shapes("XS", num_classes=spec.num_classes, distillation=spec.distillation))
-        assert spec.create_model().num_classes == spec.num_classes
+        assert spec.build().num_classes == spec.num_classes
         back = convert.to_torch(variables, "official", num_batches_tracked=False)
         assert back.keys() == state.keys()
     with pytest.raises(ValueError, match="always have a distillation head"):
         convert.to_torch(convert.from_torch(single), "hf")
-    with pytest.raises(ValueError, match="fixed by the weights"):
-        convert.ModelSpec("XS").create_model(num_classes=3)
+    # The attention version is no tensor's: the naming's default, or the caller's.
+    assert convert.model_spec(state_dicts("XS")["hf"]).attention_version == 1
+    assert convert.model_spec(official, attention_version=1).attention_version == 1
 
 
 def test_infer_variant_reports_what_it_found():
@@ -286,18 +288,24 @@ def imported(release_file, tmp_path_factory) -> Path:
     return output
 
 
-def test_import_writes_orbax_and_metadata(imported, release_file):
-    assert sorted(p.name for p in imported.iterdir()) == ["metadata.json", "state"]
-    metadata = json.loads((imported / "metadata.json").read_text())
-    assert metadata["variant"] == "XS" and metadata["num_classes"] == 1000
-    assert metadata["distillation"] is True and metadata["features_only"] is False
-    assert metadata["attention_version"] == 2  # official naming's default
-    assert metadata["source"]["naming"] == "official" and metadata["source"]["entry"] == "model"
+def saved_model_json(directory: Path) -> dict:
+    """The model JSON (spec and source) of a checkpoint directory's latest step."""
+    item = checkpoint.find_step_dir(directory) / checkpoint.MODEL_ITEM
+    return json.loads(next(item.iterdir()).read_text())
+
+
+def test_import_writes_the_checkpoint_layout_with_spec_and_source(imported, release_file):
+    assert sorted(p.name for p in imported.iterdir()) == ["0"]  # one step, as a trainer's checkpoints/
+    saved = saved_model_json(imported)
+    assert saved["variant"] == "XS" and saved["num_classes"] == 1000
+    assert saved["distillation"] is True and saved["features_only"] is False
+    assert saved["attention_version"] == 2  # official naming's default
+    assert saved["source"]["naming"] == "official" and saved["source"]["entry"] == "model"
     import hashlib
 
-    assert metadata["source"]["sha256"] == hashlib.sha256(release_file.read_bytes()).hexdigest()
-    model, variables, loaded = convert.load_checkpoint(imported)
-    assert loaded == metadata and model.attention_version == 2
+    assert saved["source"]["sha256"] == hashlib.sha256(release_file.read_bytes()).hexdigest()
+    model, variables, spec = convert.load_checkpoint(imported)
+    assert spec == ModelSpec.named("XS") and model.attention_version == 2
     assert_same_variables(variables, convert.from_torch(state_dicts("XS")["official"]))
     assert convert.load_checkpoint(imported, attention_version=1)[0].attention_version == 1
 
@@ -305,9 +313,9 @@ def test_import_writes_orbax_and_metadata(imported, release_file):
 def test_import_ema_safetensors_and_attention_defaults(release_file, tmp_path, capsys):
     code, out, _ = run_cli(convert, ["import", "--checkpoint", release_file, "--ema", "--attention-version", "1",
                                      "--output", tmp_path / "ema"], capsys)
-    assert code == 0 and "entry 'model_ema'" in out and "attention version 1" in out
-    _, variables, metadata = convert.load_checkpoint(tmp_path / "ema")
-    assert metadata["attention_version"] == 1 and metadata["source"]["entry"] == "model_ema"
+    assert code == 0 and "entry 'model_ema'" in out and "attention v1" in out
+    _, variables, spec = convert.load_checkpoint(tmp_path / "ema")
+    assert spec.attention_version == 1 and saved_model_json(tmp_path / "ema")["source"]["entry"] == "model_ema"
     ema = {k: v * 0.5 for k, v in state_dicts("XS")["official"].items()}
     assert_same_variables(variables, convert.from_torch(ema))
 
@@ -318,9 +326,9 @@ def test_import_ema_safetensors_and_attention_defaults(release_file, tmp_path, c
     safetensors.torch.save_file(dict(hf_model("XS").state_dict()), str(hf_file))
     code, out, _ = run_cli(convert, ["import", "--checkpoint", hf_file, "--output", tmp_path / "hf"], capsys)
     assert code == 0, out
-    _, variables, metadata = convert.load_checkpoint(tmp_path / "hf")
-    assert metadata["attention_version"] == 1 and metadata["source"]["naming"] == "hf"
-    assert metadata["source"]["entry"] is None
+    _, variables, spec = convert.load_checkpoint(tmp_path / "hf")
+    source = saved_model_json(tmp_path / "hf")["source"]
+    assert spec.attention_version == 1 and source["naming"] == "hf" and source["entry"] is None
     assert_same_variables(variables, convert.from_torch(state_dicts("XS")["hf"]))
 
 
@@ -399,9 +407,9 @@ def test_existing_outputs_are_refused(imported, release_file, tmp_path, capsys):
     code, _, err = run_cli(convert, ["export", "--checkpoint", imported, "--output", tmp_path / "x.npz"], capsys)
     assert code == 2 and "unsupported file type '.npz'" in err
     code, _, err = run_cli(convert, ["export", "--checkpoint", tmp_path / "nowhere", "--output", tmp_path / "y.pth"], capsys)
-    assert code == 2 and "checkpoint directory not found" in err
+    assert code == 2 and "checkpoint not found" in err
     code, _, err = run_cli(convert, ["export", "--checkpoint", existing_dir, "--output", tmp_path / "y.pth"], capsys)
-    assert code == 2 and "not an imported checkpoint" in err
+    assert code == 2 and "neither a checkpoint directory of this package" in err
     assert files_in(tmp_path) == before and existing_file.read_bytes() == b"keep me"
 
 
@@ -414,7 +422,7 @@ def test_failed_write_leaves_nothing_behind(imported, release_file, tmp_path, mo
     monkeypatch.setattr(torch, "save", fail)
     with pytest.raises(OSError, match="disk full"):
         convert.export_checkpoint(imported, tmp_path / "out.pth")
-    monkeypatch.setattr(convert, "_save_state", fail)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", fail)
     with pytest.raises(OSError, match="disk full"):
         convert.import_checkpoint(release_file, tmp_path / "never")
     assert files_in(tmp_path) == set()
@@ -499,4 +507,4 @@ def test_predict_errors(imported, tmp_path, capsys):
     code, _, err = run_cli(predict, ["--checkpoint", imported, "--names", names, bad], capsys)
     assert code == 2 and "has 2 names; the checkpoint has 1000 classes" in err
     code, _, err = run_cli(predict, ["--checkpoint", tmp_path, bad], capsys)
-    assert code == 2 and "not an imported checkpoint" in err
+    assert code == 2 and "neither a checkpoint directory of this package" in err

@@ -93,13 +93,14 @@ COMMON = textwrap.dedent(r"""
     import jax, numpy as np
     from conftest import tiny_config
     from swiftformer_jax import checkpoint, sharding, train
+    from swiftformer_jax.model import ModelSpec
 
     config = tiny_config(None, bn_group_size=8, distillation__kind="hard", model__drop_path_rate=0.1)
     config.mesh.fsdp_min_size_mb = 0.0  # shard every leaf that has a dim the fsdp size divides
-    info = train.model_info(config, 10)
-    model = train.build_model(config, info)
+    spec = train.model_spec(config, 10)
+    model = train.build_model(config, spec)
     tx, schedule = train.build_optimizer(config, train.Durations(93, 100, 2, 50, 50, 1), train.abstract_params(model, 32))
-    teacher = checkpoint.ModelInfo("custom", (1, 1, 1, 1), (8, 8, 8, 8), 10, False).create()
+    teacher = ModelSpec((1, 1, 1, 1), (8, 8, 8, 8), 10, False).build()
     rs = np.random.RandomState(0)
     abstract = jax.eval_shape(lambda: teacher.init({"params": jax.random.key(7)}, np.zeros((1, 32, 32, 3), np.float32)))
     teacher_vars = jax.tree_util.tree_map(lambda s: rs.normal(0.0, 0.3, s.shape).astype(s.dtype), abstract)
@@ -157,7 +158,7 @@ EIGHT_DEVICES = COMMON + textwrap.dedent(r"""
             save_leaves(f"{name}_{part}", getattr(state, part))
         if name == "fsdp8":  # save, then train on: the 4-device program must continue identically
             checkpointer = checkpoint.Checkpointer(os.path.join(OUT, "work"), keep=1, asynchronous=False)
-            checkpointer.save(SAVED_STEP, state, info)
+            checkpointer.save(SAVED_STEP, state, spec)
             checkpointer.close()
             save_leaves("saved_state", state)
             save_leaves("saved_params", state.params)
