@@ -11,7 +11,7 @@ import os
 import re
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -20,6 +20,7 @@ flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and metric
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host without auto-detection).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host without auto-detection).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host without auto-detection).")
+flags.DEFINE_bool("verbose", False, "Also print the INFO lines of orbax, absl, JAX and TensorFlow.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with JAX's auto-detection (Cloud TPU VMs, "
                   "where no environment variable announces the other hosts).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -73,8 +74,9 @@ def _parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from swiftformer_jax import xla_flags
+    from swiftformer_jax import logs, xla_flags
 
+    logs.setup(verbose=FLAGS.verbose)  # before TensorFlow is imported
     xla_flags.apply()  # XLA:CPU settings (a no-op elsewhere); before JAX starts its backend
     _initialize_distributed()
 
@@ -82,12 +84,18 @@ def main(argv):
 
     from swiftformer_jax import train
 
-    logging.info("JAX %s, process %d of %d; %d local / %d global devices: %s", jax.__version__,
-                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-                 jax.local_devices())
+    if not FLAGS.verbose:
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()  # the first run's data set preparation, as progress bars
+
+    devices = sorted({d.device_kind for d in jax.local_devices()})
+    logs.log.info("JAX %s, process %d of %d; %d local / %d global devices (%s)", jax.__version__,
+                  jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+                  ", ".join(devices))
     if jax.process_index() != 0:  # one progress log per job: process 0's; others report only trouble
-        logging.info("Process %d logs warnings and errors only from here on.", jax.process_index())
-        logging.set_verbosity(logging.WARNING)
+        logs.log.info("Process %d logs warnings and errors only from here on.", jax.process_index())
+        logs.setup(verbose=FLAGS.verbose, quiet=True)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

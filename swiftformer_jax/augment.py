@@ -49,7 +49,9 @@ import math
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
+
+from swiftformer_jax.logs import log
+from swiftformer_jax import model as model_lib
 
 
 def _hide_gpus_from_tensorflow() -> None:
@@ -60,7 +62,7 @@ def _hide_gpus_from_tensorflow() -> None:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:  # TF ran an op before this module was imported.
         if tf.config.get_visible_devices("GPU"):
-            logging.warning(
+            log.warning(
                 "TensorFlow was used before swiftformer_jax.augment was imported and can see GPUs: "
                 "it may reserve accelerator memory. Import swiftformer_jax.input_pipeline first."
             )
@@ -68,8 +70,7 @@ def _hide_gpus_from_tensorflow() -> None:
 
 _hide_gpus_from_tensorflow()
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = model_lib.IMAGENET_MEAN, model_lib.IMAGENET_STD
 # timm's `img_mean` hparam: the fill colour of RandAugment's geometric ops.
 FILL_COLOR = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)  # (124, 116, 104)
 

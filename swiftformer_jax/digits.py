@@ -24,9 +24,10 @@ import fcntl
 import os
 
 import numpy as np
-from absl import logging
 import tensorflow_datasets as tfds
 from etils import epath
+
+from swiftformer_jax.logs import log
 
 NUM_EXAMPLES = 1797
 NUM_TEST = 300
@@ -105,6 +106,6 @@ def prepare(data_dir: str | None) -> Digits:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
         builder = Digits(data_dir=data_dir)  # look again: another process may have written it meanwhile
         if not builder.is_prepared():
-            logging.info("Writing the digits data set to %s (once).", builder.data_dir)
+            log.info("Writing the digits data set to %s (once).", builder.data_dir)
             builder.download_and_prepare()
     return Digits(data_dir=data_dir)

@@ -46,6 +46,16 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.mean(-jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1))
 
 
+def check_distillation(kind: str, *, alpha: float, tau: float) -> None:
+    """ValueError naming the bad value among `distillation_loss`'s settings."""
+    if kind not in DISTILLATION_KINDS:
+        raise ValueError(f"unknown distillation kind {kind!r}; valid: {', '.join(DISTILLATION_KINDS)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+
+
 def distillation_loss(
     cls_logits: jax.Array,
     dist_logits: jax.Array | None,
@@ -62,8 +72,7 @@ def distillation_loss(
     None). "hard": CE(dist_logits, one_hot(argmax teacher)). "soft": KL(teacher/tau || dist/tau)
     summed and divided by dist_logits.size, times tau**2. The teacher gets no gradient.
     """
-    if kind not in DISTILLATION_KINDS:
-        raise ValueError(f"unknown distillation kind {kind!r}; valid: {', '.join(DISTILLATION_KINDS)}")
+    check_distillation(kind, alpha=alpha, tau=tau)
     base = cross_entropy(cls_logits, targets)
     if kind == "none":
         return base

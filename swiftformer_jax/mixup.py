@@ -70,6 +70,17 @@ def _expand(values, mode: str, group: int):
     return values
 
 
+def check_settings(*, mixup_alpha: float, cutmix_alpha: float, switch_prob: float, prob: float,
+                   mode: str) -> None:
+    """ValueError naming the bad value among `mixup_cutmix`'s settings (not its arrays)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mixup mode {mode!r}; valid: {', '.join(MODES)}")
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"alphas must be >= 0, got mixup_alpha {mixup_alpha}, cutmix_alpha {cutmix_alpha}")
+    if not (0.0 <= prob <= 1.0 and 0.0 <= switch_prob <= 1.0):
+        raise ValueError(f"prob and switch_prob must be in [0, 1], got {prob} and {switch_prob}")
+
+
 def mixup_cutmix(
     rng: jax.Array,
     images: jax.Array,
@@ -90,18 +101,14 @@ def mixup_cutmix(
     `mode`: "batch" one draw per group (timm's default), "pair" one per mirrored pair, "elem" one per
     image. With both alphas 0 or prob 0 the images are returned unchanged with smoothed targets.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mixup mode {mode!r}; valid: {', '.join(MODES)}")
+    check_settings(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, switch_prob=switch_prob,
+                   prob=prob, mode=mode)
     if images.ndim != 4:
         raise ValueError(f"images must be NHWC [B, H, W, C], got shape {images.shape}")
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f"images must be floating point to be mixed, got {images.dtype}")
     if labels.shape != images.shape[:1]:
         raise ValueError(f"labels must be [B] = {images.shape[:1]}, got {labels.shape}")
-    if mixup_alpha < 0 or cutmix_alpha < 0:
-        raise ValueError(f"alphas must be >= 0, got mixup {mixup_alpha}, cutmix {cutmix_alpha}")
-    if not (0.0 <= prob <= 1.0 and 0.0 <= switch_prob <= 1.0):
-        raise ValueError(f"prob and switch_prob must be in [0, 1], got {prob} and {switch_prob}")
     batch, height, width, _ = images.shape
     group = batch if group_size is None else group_size
     if group <= 0 or batch % group or group % 2:

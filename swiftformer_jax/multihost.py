@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-from absl import logging
 from orbax.checkpoint import multihost as orbax_multihost
+
+from swiftformer_jax.logs import log
 
 BARRIER_TIMEOUT_S = 60 * 60  # the slowest process's compile, not a hang: a crashed process fails the barrier
 
@@ -42,7 +43,7 @@ def compile_then_meet(jitted: Any, name: str) -> Callable:
         executable = executables.get(signature)
         if executable is None:
             executable = jitted.lower(*args).compile()
-            logging.info("%s compiled (signature %d); waiting for the other processes.", name, len(executables))
+            log.info("%s compiled (signature %d); waiting for the other processes.", name, len(executables))
             barrier(key=f"swiftformer_jax/{name}/{len(executables)}", timeout_ms=BARRIER_TIMEOUT_S * 1000)
             executables[signature] = executable
         return executable(*args)

@@ -33,7 +33,7 @@ import optax
 
 from swiftformer_jax import layout
 
-CLIP_MODES = ("agc", "norm", "value")
+CLIP_MODES = ("agc", "norm", "value", "none")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,15 +254,15 @@ def adaptive_grad_clip(clipping: float = 0.01, eps: float = 1e-3) -> optax.Gradi
 
 
 def gradient_clipping(clip_mode: str | None, clip_grad: float | None) -> optax.GradientTransformation:
-    """timm's `dispatch_clip_grad` modes as optax transformations; `clip_mode=None` clips nothing.
+    """timm's `dispatch_clip_grad` modes as optax transformations; "none" (or None) clips nothing.
 
     "agc": `adaptive_grad_clip(clip_grad)`; "norm": global-norm clipping (torch adds 1e-6 to the norm
     in the scale, optax does not); "value": element-wise clipping to [-clip_grad, clip_grad].
     """
-    if clip_mode is None:
-        return optax.identity()
-    if clip_mode not in CLIP_MODES:
+    if clip_mode not in CLIP_MODES + (None,):
         raise ValueError(f"unknown clip_mode {clip_mode!r}; valid: {', '.join(CLIP_MODES)} or None")
+    if clip_mode in (None, "none"):
+        return optax.identity()
     if clip_grad is None or clip_grad <= 0:
         raise ValueError(f"clip_mode={clip_mode!r} needs clip_grad > 0, got {clip_grad!r}")
     if clip_mode == "agc":

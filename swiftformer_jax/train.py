@@ -22,6 +22,7 @@ would (the input pipeline is a pure function of the step too).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -35,16 +36,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from swiftformer_jax import augment as augment_lib
 from swiftformer_jax import checkpoint as checkpoint_lib
 from swiftformer_jax import input_pipeline, losses, metrics as metrics_lib, mixup, multihost, optim
 from swiftformer_jax import sharding as sharding_lib
-from swiftformer_jax.model import VARIANTS, SwiftFormer
+from swiftformer_jax.logs import log
+from swiftformer_jax.model import ModelSpec, SwiftFormer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-CLIP_MODES = ("agc", "norm", "value", "none")
 BEST_METRICS = ("eval/accuracy", "eval/ema_accuracy", "")  # higher is better
 
 
@@ -61,49 +61,57 @@ class NonFiniteLossError(FloatingPointError):
 # ==============================================================================================
 
 
+@contextlib.contextmanager
+def config_keys(keys: str):
+    """Re-raise a component's ValueError (which names the bad value) as a ConfigError naming the
+    config keys it came from."""
+    try:
+        yield
+    except ValueError as error:
+        raise ConfigError(f"{keys}: {error}") from None
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Every check that needs neither data nor devices. Raises ConfigError naming the key."""
+    """Every check that needs neither data nor devices. Raises ConfigError naming the key.
+
+    The components check their own settings (the model spec, augmentation, mixup, clipping, the
+    distillation loss): here they are built once from the config, so their errors come before any
+    data is read, translated to config keys. What is checked here directly belongs to the trainer.
+    """
 
     def fail(message: str) -> None:
         raise ConfigError(message)
 
     if config.dtype not in DTYPES:
         fail(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-    variant = str(config.model.variant).upper()
-    depths, widths = tuple(config.model.depths), tuple(config.model.widths)
-    if bool(depths) != bool(widths):
-        fail("config.model.depths and config.model.widths must be set together (or both left empty)")
-    if depths and (len(depths) != 4 or len(widths) != 4 or min(depths + widths) < 1):
-        fail(f"config.model.depths/widths need 4 positive ints each, got {depths} and {widths}")
-    if not depths and variant not in VARIANTS:
-        fail(f"config.model.variant must be one of {', '.join(VARIANTS)}, got {config.model.variant!r}")
-    if config.model.attention_version not in (1, 2):
-        fail(f"config.model.attention_version must be 1 or 2, got {config.model.attention_version}")
-    if config.bn_group_size < 0:
-        fail(f"config.bn_group_size must be >= 0 (0: whole global batch), got {config.bn_group_size}")
-    if config.mixup.group_size < 0:
-        fail(f"config.mixup.group_size must be >= 0 (0: whole global batch), got {config.mixup.group_size}")
-    if config.mixup.mode not in mixup.MODES:
-        fail(f"config.mixup.mode must be one of {mixup.MODES}, got {config.mixup.mode!r}")
-    if config.clip_mode not in CLIP_MODES:
-        fail(f"config.clip_mode must be one of {CLIP_MODES}, got {config.clip_mode!r}")
-    kind = config.distillation.kind
-    if kind not in losses.DISTILLATION_KINDS:
-        fail(f"config.distillation.kind must be one of {losses.DISTILLATION_KINDS}, got {kind!r}")
-    if kind != "none" and not config.distillation.teacher:
+    spec = model_spec(config, num_classes=1)  # the class count comes from the data set
+    with config_keys("config.bn_group_size (0: whole global batch) / config.model.drop_*rate"):
+        build_model(config, spec)
+    with config_keys("config.augment"):
+        augment_config(config)
+    m = config.mixup
+    with config_keys("config.mixup"):
+        mixup.check_settings(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha,
+                             switch_prob=m.switch_prob, prob=m.prob, mode=m.mode)
+    if m.group_size < 0:
+        fail(f"config.mixup.group_size must be >= 0 (0: whole global batch), got {m.group_size}")
+    with config_keys("config.clip_mode / config.clip_grad"):
+        optim.gradient_clipping(config.clip_mode, config.clip_grad)
+    d = config.distillation
+    with config_keys("config.distillation"):
+        losses.check_distillation(d.kind, alpha=d.alpha, tau=d.tau)
+    if d.kind != "none" and not d.teacher:
         fail(
-            f"config.distillation.kind={kind!r} needs a teacher, and config.distillation.teacher is "
+            f"config.distillation.kind={d.kind!r} needs a teacher, and config.distillation.teacher is "
             "empty. The official recipe distils from RegNetY-160, which this package cannot load: pass "
             "a SwiftFormer teacher (--config.distillation.teacher=PATH: a PyTorch file, a directory "
             "imported with `python -m swiftformer_jax.convert import`, or a workdir of this trainer), "
             "or train without distillation (--config.distillation.kind=none)"
         )
-    if kind != "none" and not os.path.exists(os.path.expanduser(config.distillation.teacher)):
-        fail(f"config.distillation.teacher={config.distillation.teacher!r} does not exist")
+    if d.kind != "none" and not os.path.exists(os.path.expanduser(d.teacher)):
+        fail(f"config.distillation.teacher={d.teacher!r} does not exist")
     if config.init_from and not os.path.exists(os.path.expanduser(config.init_from)):
         fail(f"config.init_from={config.init_from!r} does not exist")
-    if not 0.0 <= config.distillation.alpha <= 1.0:
-        fail(f"config.distillation.alpha must be in [0, 1], got {config.distillation.alpha}")
     if not 0.0 <= config.ema_decay <= 1.0:
         fail(f"config.ema_decay must be in [0, 1], got {config.ema_decay}")
     for key in ("batch_size", "eval_batch_size", "image_size", "log_every_steps", "keep_checkpoints",
@@ -113,11 +121,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.best_metric not in BEST_METRICS:
         fail(f"config.best_metric must be one of {BEST_METRICS} ('' keeps no best checkpoint), "
              f"got {config.best_metric!r}")
-    if config.lr_lag_one_epoch and not config.lr_per_epoch:
-        fail("config.lr_lag_one_epoch reproduces per-epoch lr stepping: it needs config.lr_per_epoch=True")
-    if config.augment.rand_augment and config.augment.color_jitter > 0:
-        fail("config.augment.rand_augment and config.augment.color_jitter are alternatives (as in timm): "
-             "set color_jitter=0 or rand_augment=False")
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, mesh, process_count: int) -> None:
@@ -195,22 +198,22 @@ def _mixup_enabled(config: ml_collections.ConfigDict) -> bool:
 # ==============================================================================================
 
 
-def model_info(config: ml_collections.ConfigDict, num_classes: int) -> checkpoint_lib.ModelInfo:
-    """What the config's network is (saved with every checkpoint)."""
-    common = dict(num_classes=num_classes, distillation=config.distillation.kind != "none",
-                  attention_version=config.model.attention_version)
-    if config.model.depths:
-        spec = VARIANTS.get(str(config.model.variant).upper())
-        named = spec is not None and (spec.depths, spec.widths) == (tuple(config.model.depths), tuple(config.model.widths))
-        return checkpoint_lib.ModelInfo(
-            variant=str(config.model.variant).upper() if named else "custom",
-            depths=tuple(config.model.depths), widths=tuple(config.model.widths), **common,
-        )
-    return checkpoint_lib.ModelInfo.from_variant(config.model.variant, **common)
+def model_spec(config: ml_collections.ConfigDict, num_classes: int) -> ModelSpec:
+    """The config's network (saved with every checkpoint): the variant's sizes, or the explicit
+    `config.model.depths` and `widths`."""
+    depths, widths = tuple(config.model.depths), tuple(config.model.widths)
+    if bool(depths) != bool(widths):
+        raise ConfigError("config.model.depths and config.model.widths must be set together (or both left empty)")
+    heads = dict(num_classes=num_classes, distillation=config.distillation.kind != "none",
+                 attention_version=config.model.attention_version, image_size=config.image_size)
+    with config_keys("config.model" if depths else "config.model.variant / config.model"):
+        if depths:
+            return ModelSpec(depths=depths, widths=widths, **heads)
+        return ModelSpec.named(config.model.variant, **heads)
 
 
-def build_model(config: ml_collections.ConfigDict, info: checkpoint_lib.ModelInfo) -> SwiftFormer:
-    return info.create(
+def build_model(config: ml_collections.ConfigDict, spec: ModelSpec) -> SwiftFormer:
+    return spec.build(
         dtype=DTYPES[config.dtype], bn_group_size=config.bn_group_size or None,
         drop_path_rate=config.model.drop_path_rate, drop_rate=config.model.drop_rate,
     )
@@ -222,16 +225,18 @@ def load_teacher(config: ml_collections.ConfigDict, num_classes: int):
         return None, None
     path = config.distillation.teacher
     try:
-        teacher, variables, info = checkpoint_lib.load_classifier(
+        teacher, variables, spec = checkpoint_lib.load_checkpoint(
             path, ema=config.distillation.teacher_ema, dtype=DTYPES[config.dtype])
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"config.distillation.teacher={path!r} cannot be loaded: {error}") from None
-    if info.num_classes != num_classes:
+    if not spec.has_classifier:
+        raise ConfigError(f"config.distillation.teacher={path!r} holds no classifier ({spec.describe()})")
+    if spec.num_classes != num_classes:
         raise ConfigError(
-            f"the teacher ({path}) predicts {info.num_classes} classes but {config.dataset} has "
+            f"the teacher ({path}) predicts {spec.num_classes} classes but {config.dataset} has "
             f"{num_classes}: use a teacher trained on the same classes"
         )
-    logging.info("Teacher: %s (SwiftFormer-%s, attention version %d).", path, info.variant, info.attention_version)
+    log.info("Teacher: %s, from %s.", spec.describe(), path)
     return teacher, variables
 
 
@@ -249,7 +254,7 @@ def build_optimizer(config: ml_collections.ConfigDict, steps: Durations, abstrac
     tx = optim.create_optimizer(
         learning_rate=schedule, params_for_mask=abstract_params, weight_decay=config.weight_decay,
         b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-        clip_mode=None if config.clip_mode == "none" else config.clip_mode, clip_grad=config.clip_grad,
+        clip_mode=config.clip_mode, clip_grad=config.clip_grad,
     )
     return tx, schedule
 
@@ -261,7 +266,7 @@ class Setup:
     mesh: Any
     data: input_pipeline.DatasetInfo
     steps: Durations
-    info: checkpoint_lib.ModelInfo
+    spec: ModelSpec
     model: SwiftFormer
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -281,10 +286,10 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     data = input_pipeline.dataset_info(config.dataset, config.data_dir)
     steps = durations(config, data.num_train_examples)
     teacher, teacher_variables = load_teacher(config, data.num_classes)
-    info = model_info(config, data.num_classes)
-    model = build_model(config, info)
+    spec = model_spec(config, data.num_classes)
+    model = build_model(config, spec)
     tx, schedule = build_optimizer(config, steps, abstract_params(model, config.image_size))
-    return Setup(mesh, data, steps, info, model, tx, schedule, teacher, teacher_variables)
+    return Setup(mesh, data, steps, spec, model, tx, schedule, teacher, teacher_variables)
 
 
 # ==============================================================================================
@@ -497,38 +502,39 @@ def evaluate(config, eval_step, state, sharding, num_examples: int,
 
 def initial_state(config, run: Setup, init_rng, checkpointer) -> tuple[TrainState, Any]:
     """(state, shardings): the workdir's latest checkpoint, else `config.init_from`, else fresh."""
-    info = run.info
     latest = checkpointer.latest_step()
     if latest is not None:
         # Resume: the whole state, restored straight into its sharding. The config must describe
         # the same network and optimizer as the run that wrote it.
         abstract, shardings = abstract_train_state(run.model, run.tx, config, run.mesh, init_rng)
         try:
-            saved_info = checkpointer.model_info(latest)
-            if saved_info != info:
-                raise ValueError(f"the checkpoint's network is {saved_info}, the config's is {info}")
+            saved = checkpointer.spec(latest)
+            if saved != run.spec:
+                raise ValueError(f"the checkpoint's network is {saved}, the config's is {run.spec}")
             restored = checkpointer.restore(latest, abstract)
         except (ValueError, KeyError, TypeError) as error:
             raise ConfigError(
                 f"cannot resume from {checkpointer.directory} (step {latest}) with this config: "
                 f"{str(error).splitlines()[0]}. Use a new workdir, or the config of that run."
             ) from None
-        logging.info("Resuming from %s at step %d.", checkpointer.directory, latest)
+        log.info("Resuming from %s at step %d.", checkpointer.directory, latest)
         return restored, shardings
     state, shardings = create_train_state(run.model, run.tx, config, run.mesh, init_rng)
     if config.init_from:
         # Fine-tune: params and batch statistics only; optimizer, EMA (= the loaded weights) and
         # step start afresh. The classifier heads are re-initialised when their shape differs.
-        source_info, pretrained = checkpoint_lib.load_variables(config.init_from, ema=config.init_from_ema)
+        try:
+            source_spec, pretrained = checkpoint_lib.load_variables(config.init_from, ema=config.init_from_ema)
+        except (ValueError, FileNotFoundError) as error:
+            raise ConfigError(f"config.init_from={config.init_from!r} cannot be loaded: {error}") from None
         fresh = {"params": state.params, "batch_stats": state.batch_stats}
         try:
             merged, notes = checkpoint_lib.merge_pretrained(fresh, pretrained)
         except ValueError as error:
             raise ConfigError(f"config.init_from={config.init_from!r}: {error}") from None
-        logging.info("Initialised from %s (SwiftFormer-%s, %d classes).", config.init_from,
-                     source_info.variant, source_info.num_classes)
+        log.info("Initialised from %s: %s.", config.init_from, source_spec.describe())
         for note in notes:
-            logging.info("init_from: %s", note)
+            log.info("init_from: %s", note)
         # Through the host: every process holds the whole checkpoint, and the raw and EMA copies
         # must be distinct buffers (the train step donates both).
         merged = jax.device_get(merged)
@@ -540,7 +546,7 @@ def initial_state(config, run: Setup, init_rng, checkpointer) -> tuple[TrainStat
             ema_batch_stats=put(merged["batch_stats"], shardings.ema_batch_stats),
         )
         return state, shardings
-    logging.info("Training from scratch.")
+    log.info("Training from scratch.")
     return state, shardings
 
 
@@ -561,10 +567,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     on preemption) once that many steps are done: for time-limited jobs and tests.
     """
     run = setup(config)  # every config error is raised here, before any state or data exists
-    mesh, steps, info = run.mesh, run.steps, run.info
+    mesh, steps, spec = run.mesh, run.steps, run.spec
     process_count, process_index = jax.process_count(), jax.process_index()
-    logging.info("Mesh %s over %d devices, %d process(es).", dict(mesh.shape), mesh.devices.size, process_count)
-    logging.info("%s: %d train / %d eval examples, %d classes; %d steps/epoch, %d steps (%d warm-up), "
+    log.info("Mesh %s over %d devices, %d process(es).", dict(mesh.shape), mesh.devices.size, process_count)
+    log.info("%s: %d train / %d eval examples, %d classes; %d steps/epoch, %d steps (%d warm-up), "
                  "eval every %d, checkpoint every %d.", config.dataset, run.data.num_train_examples,
                  run.data.num_eval_examples, run.data.num_classes, steps.steps_per_epoch,
                  steps.total_steps, steps.warmup_steps, steps.eval_every, steps.checkpoint_every)
@@ -579,7 +585,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     init_rng, train_rng = jax.jit(lambda: tuple(jax.random.split(jax.random.key(config.seed))),
                                   out_shardings=sharding_lib.replicated(mesh))()
     checkpointer = checkpoint_lib.Checkpointer(
-        workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
+        os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR), keep=config.keep_checkpoints, best_metric=config.best_metric,
         asynchronous=config.async_checkpointing, remove_unfinished=True,
     )
     writer = metrics_lib.MetricWriter(workdir)
@@ -588,8 +594,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state, state_shardings = initial_state(config, run, init_rng, checkpointer)
         start_step = int(jax.device_get(state.step))
         num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
-        logging.info("SwiftFormer-%s %s/%s: %s parameters, compute dtype %s.", info.variant, info.depths,
-                     info.widths, f"{num_params:,}", config.dtype)
+        log.info("Model: %s, %s parameters, compute dtype %s.", spec.describe(), f"{num_params:,}", config.dtype)
         teacher_variables, teacher_shardings = None, None
         if run.teacher is not None:
             teacher_shardings = sharding_lib.tree_shardings(run.teacher_variables, mesh, config.mesh.fsdp_min_size_mb)
@@ -600,7 +605,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         train_step = multihost.compile_then_meet(train_step, "train_step")
         eval_step = multihost.compile_then_meet(eval_step, "eval_step")
         if start_step >= steps.total_steps:
-            logging.info("Nothing to do: the checkpoint is at step %d of %d.", start_step, steps.total_steps)
+            log.info("Nothing to do: the checkpoint is at step %d of %d.", start_step, steps.total_steps)
             return state
 
         # -- The input: this process's slice of each global batch, from the state's step on.
@@ -616,7 +621,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             batch_sharding,
         )
         return _loop(config, steps, state, batches, train_step, eval_step, train_rng, teacher_variables,
-                     batch_sharding, checkpointer, writer, watcher, info, start_step, stop_at_step,
+                     batch_sharding, checkpointer, writer, watcher, spec, start_step, stop_at_step,
                      run.data.num_eval_examples)
     finally:
         watcher.close()
@@ -625,7 +630,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _loop(config, steps: Durations, state, batches, train_step, eval_step, rng,
-          teacher_variables, batch_sharding, checkpointer, writer, watcher, info, start_step,
+          teacher_variables, batch_sharding, checkpointer, writer, watcher, spec, start_step,
           stop_at_step, num_eval_examples) -> TrainState:
     """Steps from `start_step` to the end (or a stop). Each step's metrics are read while the next
     step runs, so the device never idles waiting for the host; every step is checked for a
@@ -684,7 +689,7 @@ def _loop(config, steps: Durations, state, batches, train_step, eval_step, rng,
                 "train/images_per_second": rate,
             })
             seconds_per_step = elapsed / max(interval_steps, 1)  # recent pace, compile excluded after the first log
-            logging.info(
+            log.info(
                 "step %d/%d (%.1f%%) | loss %.4f | lr %.3g | %.0f img/s | elapsed %s | ETA %s",
                 done, steps.total_steps, 100.0 * done / steps.total_steps, record["train/loss"],
                 record["train/learning_rate"], rate, _format_duration(time.time() - run_start),
@@ -700,19 +705,19 @@ def _loop(config, steps: Durations, state, batches, train_step, eval_step, rng,
                 stopping, do_save = True, True
         if eval_metrics is not None:
             record.update(eval_metrics)
-            logging.info("step %d eval: accuracy %.4f | EMA accuracy %.4f | loss %.4f (%d examples, %.1fs)",
+            log.info("step %d eval: accuracy %.4f | EMA accuracy %.4f | loss %.4f (%d examples, %.1fs)",
                          done, eval_metrics["eval/accuracy"], eval_metrics["eval/ema_accuracy"],
                          eval_metrics["eval/loss"], eval_metrics["eval/num_examples"], time.time() - eval_start)
         if record:
             writer.write(done, record)
         if do_save:
-            checkpointer.save(done, state, info, metrics=eval_metrics)
+            checkpointer.save(done, state, spec, metrics=eval_metrics)
         if do_log or do_save:
             interval_start, interval_steps = time.time(), 0
         if stopping:
             checkpointer.wait()
-            logging.warning("Stopped at step %d with a checkpoint in %s; run the same command to resume.",
+            log.warning("Stopped at step %d with a checkpoint in %s; run the same command to resume.",
                             done, checkpointer.directory)
             return state
-    logging.info("Done: %d steps.", steps.total_steps)
+    log.info("Done: %d steps.", steps.total_steps)
     return state

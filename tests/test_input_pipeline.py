@@ -417,7 +417,7 @@ def test_bad_arguments_fail_early(digits_dir):
 
 def test_digits_prepared_by_several_processes_at_once_is_written_once(tmp_path):
     # The local multi-process run: every process opens the data set at the same moment.
-    code = ("import sys; from absl import logging; from swiftformer_jax import digits; logging.set_verbosity('info'); "
+    code = ("import sys; from swiftformer_jax import digits, logs; logs.setup(); "
             "b = digits.prepare(sys.argv[1]); print('SPLITS', b.info.splits['train'].num_examples, b.info.splits['test'].num_examples)")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]

@@ -18,10 +18,9 @@ LATE_PROCESS = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np
     jax.distributed.initialize(f"localhost:{PORT}", 2, PROCESS)
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from absl import logging
-    from swiftformer_jax import multihost
+    from swiftformer_jax import logs, multihost
 
-    logging.set_verbosity("info")  # compile_then_meet logs each compile
+    logs.setup()  # compile_then_meet logs each compile
     mesh = Mesh(np.array(jax.devices()), ("data",))
     step = multihost.compile_then_meet(
         jax.jit(lambda x: jnp.sum(x), out_shardings=NamedSharding(mesh, P())), "sum")

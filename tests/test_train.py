@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from conftest import REPO, free_port, run_processes, tiny_config
 from swiftformer_jax import checkpoint, convert, input_pipeline, metrics, optim, sharding, train, xla_flags
+from swiftformer_jax.model import ModelSpec
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # The loop tests turn on every random path of the step: mixup/cutmix (groups of 8), ghost batch
@@ -192,11 +193,11 @@ def test_each_step_draws_fresh_randomness(digits_data_dir):
 def test_checkpoints_round_trip_the_whole_state(uninterrupted, digits_data_dir):
     workdir, state = uninterrupted
     config = loop_config(digits_data_dir)
-    manager = checkpoint.Checkpointer(workdir, keep=3, best_metric="eval/accuracy")
+    manager = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=3, best_metric="eval/accuracy")
     try:
         assert list(manager.all_steps()) == [3, 6]
         restored = host(manager.restore(6, abstract_state(config, train.setup(config))))
-        assert manager.model_info(6) == train.model_info(config, 10)
+        assert manager.spec(6) == train.model_spec(config, 10)
     finally:
         manager.close()
     assert isinstance(restored, train.TrainState)
@@ -216,7 +217,7 @@ def test_resume_continues_at_the_right_step_with_the_same_data(uninterrupted, re
     for name in ("params", "batch_stats", "ema_params", "ema_batch_stats", "opt_state"):
         for a, b in zip(jax.tree_util.tree_leaves(getattr(state_a, name)), jax.tree_util.tree_leaves(getattr(state_b, name))):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=name)
-    manager = checkpoint.Checkpointer(workdir_b, keep=3)
+    manager = checkpoint.Checkpointer(os.path.join(workdir_b, checkpoint.CHECKPOINT_DIR), keep=3)
     try:
         assert list(manager.all_steps()) == [3, 4, 6]
     finally:
@@ -243,7 +244,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digi
         train.train_and_evaluate(loop_config(digits_data_dir), workdir)
     assert max(r["step"] for r in metrics.read_metrics(workdir)) < 5
     _, variables = checkpoint.load_variables(workdir)
-    manager = checkpoint.Checkpointer(workdir, keep=3)
+    manager = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=3)
     try:
         assert list(manager.all_steps()) == [3]
     finally:
@@ -292,7 +293,7 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path, digit
     stopped = int(output.split("RETURNED AT STEP ")[1].split()[0])
     assert 1 <= stopped < 6 and f"Stopped at step {stopped}" in output
     config = loop_config(digits_data_dir)
-    manager = checkpoint.Checkpointer(workdir, keep=3)
+    manager = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=3)
     try:
         assert manager.latest_step() == stopped
         restored = manager.restore(stopped, abstract_state(config, train.setup(config)))
@@ -310,7 +311,7 @@ def test_init_from_a_checkpoint_of_ours_loads_weights_and_starts_fresh(uninterru
     source, trained = uninterrupted
     config = loop_config(digits_data_dir, init_from=source)
     run = train.setup(config)
-    manager = checkpoint.Checkpointer(str(tmp_path), keep=1)
+    manager = checkpoint.Checkpointer(os.path.join(tmp_path, checkpoint.CHECKPOINT_DIR), keep=1)
     try:
         state, _ = train.initial_state(config, run, jax.random.key(0), manager)
     finally:
@@ -329,7 +330,7 @@ def test_init_from_a_checkpoint_of_ours_loads_weights_and_starts_fresh(uninterru
 @pytest.fixture(scope="module")
 def xs_pytorch_file(tmp_path_factory):
     """A SwiftFormer-XS PyTorch state dict (1000 classes, distillation head), as released."""
-    model = checkpoint.ModelInfo.from_variant("XS", num_classes=1000, distillation=True).create()
+    model = ModelSpec.named("XS", num_classes=1000, distillation=True).build()
     abstract = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3))))
     rs = np.random.RandomState(0)
     variables = jax.tree_util.tree_map(lambda s: np.abs(rs.normal(0.5, 0.1, s.shape)).astype(np.float32), abstract)
@@ -344,8 +345,8 @@ def test_init_from_a_pytorch_checkpoint_reinitialises_the_head(xs_pytorch_file, 
     config.model.depths, config.model.widths = (), ()
     config.model.variant = "XS"
     train.check_config(config)
-    info = train.model_info(config, 10)
-    model = train.build_model(config, info)
+    spec = train.model_spec(config, 10)
+    model = train.build_model(config, spec)
     fresh = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3))))
     fresh = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), fresh)
     source_info, pretrained = checkpoint.load_variables(path)
@@ -396,8 +397,17 @@ def test_official_configs_demand_a_teacher_or_kind_none(variant, tmp_path):
         (dict(mixup__mixup_alpha=0.8, mixup__group_size=6), train.ConfigError, "even divisor of config.batch_size=16"),
         (dict(model__depths=(1, 1, 1)), train.ConfigError, "4 positive ints"),
         (dict(warmup_steps=100), train.ConfigError, "warm-up .* longer than the run"),
-        (dict(clip_mode="adaptive"), train.ConfigError, "config.clip_mode must be one of"),
+        (dict(clip_mode="adaptive"), train.ConfigError, "config.clip_mode.*unknown clip_mode 'adaptive'"),
         (dict(best_metric="eval/acc"), train.ConfigError, "config.best_metric must be one of"),
+        # The components' own checks, named by config key.
+        (dict(model__depths=(), model__widths=(), model__variant="M"), train.ConfigError,
+         r"config.model.variant.*unknown SwiftFormer variant 'M'"),
+        (dict(model__attention_version=3), train.ConfigError, "config.model.*attention_version must be one of"),
+        (dict(bn_group_size=-2), train.ConfigError, "config.bn_group_size.*must be a positive int"),
+        (dict(augment__crop_scale=(0.5, 0.2)), train.ConfigError, "config.augment: crop_scale"),
+        (dict(mixup__mode="row"), train.ConfigError, "config.mixup: unknown mixup mode 'row'"),
+        (dict(distillation__alpha=1.5), train.ConfigError, r"config.distillation: alpha must be in \[0, 1\]"),
+        (dict(lr_lag_one_epoch=True), train.ConfigError, "learning rate schedule: lag_one_epoch"),
     ],
 )
 def test_bad_configs_fail_clearly_before_training(overrides, error, message, tmp_path, digits_data_dir):
@@ -486,7 +496,7 @@ TWO_PROCESS_CONFIG = dict(
 )
 
 RESTORE_IN_ONE_PROCESS = textwrap.dedent(r"""
-    import json, sys
+    import json, os, sys
     sys.path[:0] = [REPO, TESTS]
     import jax
     from conftest import tiny_config
@@ -494,7 +504,7 @@ RESTORE_IN_ONE_PROCESS = textwrap.dedent(r"""
 
     config = tiny_config(DATA_DIR, **OVERRIDES)
     run = train.setup(config)  # the mesh: data=4 on this process's 4 devices
-    checkpointer = checkpoint.Checkpointer(WORKDIR, keep=2)
+    checkpointer = checkpoint.Checkpointer(os.path.join(WORKDIR, checkpoint.CHECKPOINT_DIR), keep=2)
     state, state_sh = train.initial_state(config, run, jax.random.key(0), checkpointer)  # the trainer's resume
     checkpointer.close()
     leaves = jax.tree_util.tree_leaves(state)

@@ -1,0 +1,51 @@
+"""The project's log: its own lines for people, and the libraries' chatter kept quiet.
+
+Every module of the package logs through `log` (the `swiftformer_jax` logger). Entry points call
+`setup()` once: the project's lines go to stderr as `HH:MM:SS message`, and the INFO lines of
+orbax, absl, JAX and TensorFlow (orbax alone prints dozens per run, one a 2,000-character options
+dump) stay below WARNING unless `verbose` asks for them. Used as a library, without `setup()`,
+the logger follows the application's logging configuration like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+log = logging.getLogger("swiftformer_jax")
+
+# Loggers of the libraries whose INFO lines are chatter in a training log.
+LIBRARY_LOGGERS = ("absl", "orbax", "jax", "jax._src", "tensorflow", "etils", "tensorstore")
+_FORMAT = "%(asctime)s %(message)s"
+_WARNING_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class _Formatter(logging.Formatter):
+    """Plain lines for INFO; the level named for anything worse."""
+
+    def __init__(self):
+        super().__init__(_FORMAT, "%H:%M:%S")
+        self._warning = logging.Formatter(_WARNING_FORMAT, "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._warning.format(record) if record.levelno >= logging.WARNING else super().format(record)
+
+
+def setup(*, verbose: bool = False, quiet: bool = False) -> None:
+    """Send the project's lines to stderr; libraries at WARNING unless `verbose`.
+
+    `quiet` (processes other than 0 of a multi-process run) keeps the project's lines at WARNING
+    too, so a job prints one progress log. TensorFlow prints two oneDNN notices when it is first
+    imported, through a C++ logger no setting here reaches.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    level = logging.INFO if verbose else logging.WARNING
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
