@@ -8,8 +8,10 @@ directory* managed by orbax's CheckpointManager, holding one directory per saved
   <step>/state/    orbax's standard format. The trainer saves the whole TrainState (step, params,
                    batch_stats, opt_state, ema_params, ema_batch_stats); an import saves
                    {params, batch_stats} as step 0. Readers restore the part they need.
-  <step>/model/    JSON: the network's `ModelSpec`, so the weights are usable without a config,
-                   and, for an import, `source` (the PyTorch file, its sha256, naming and entry)
+  <step>/model/    JSON: the network's spec (`ModelSpec`, or `RegNetSpec` for a RegNetY teacher,
+                   told apart by its "architecture" key: `specs.spec_from_json`), so the weights
+                   are usable without a config, and, for an import, `source` (the PyTorch file,
+                   its sha256, naming and entry)
   <step>/metrics/  (trainer eval steps) the eval accuracy orbax ranks checkpoints by
 
 The trainer saves asynchronously: `save` returns once the arrays are copied off the devices, and
@@ -19,7 +21,8 @@ restarts at any step exactly), so nothing else is saved.
 `load_checkpoint(path)` / `load_variables(path)` read the weights of any of:
   - a workdir, a checkpoint directory (its latest step) or one step directory;
   - a directory written by `convert import` before the layout above (`metadata.json` + `state/`);
-  - a PyTorch file (.pth/.pt/.bin/.tar/.safetensors) in official, Hugging Face or timm naming.
+  - a PyTorch file (.pth/.pt/.bin/.tar/.safetensors): a SwiftFormer in official, Hugging Face or
+    timm naming, or a RegNetY in timm (DeiT's release) or Hugging Face naming.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from swiftformer_jax.logs import log
-from swiftformer_jax.model import ModelSpec, SwiftFormer
+from swiftformer_jax.model import ModelSpec
+from swiftformer_jax.specs import Spec, spec_from_json
 
 CHECKPOINT_DIR = "checkpoints"  # a workdir's checkpoint directory
 STATE_ITEM = "state"
@@ -55,6 +59,19 @@ LEGACY_METADATA_FORMAT = "swiftformer-jax/imported-checkpoint"
 # ----------------------------------------------------------------------------------------------
 # The checkpoint manager
 # ----------------------------------------------------------------------------------------------
+
+
+class CorruptCheckpointError(ValueError):
+    """A saved step that cannot be read back: missing or truncated files, unreadable metadata.
+
+    `step_dir` is the damaged step; `reason` names the damaged part. A checkpoint that reads but
+    does not fit the network or optimizer asked for is a plain ValueError, not this.
+    """
+
+    def __init__(self, step_dir: str | os.PathLike, reason: str):
+        super().__init__(f"{step_dir} is damaged: {reason}")
+        self.step_dir, self.reason = str(step_dir), reason
+
 
 
 class Checkpointer:
@@ -104,7 +121,7 @@ class Checkpointer:
     def all_steps(self) -> Sequence[int]:
         return self._manager.all_steps()
 
-    def save(self, step: int, state: Any, spec: ModelSpec,
+    def save(self, step: int, state: Any, spec: Spec,
              metrics: Mapping[str, float] | None = None, source: Mapping[str, Any] | None = None) -> bool:
         """Start saving `state` as `step` (returns at once; arrays are copied off device first).
 
@@ -126,18 +143,65 @@ class Checkpointer:
                  "being written to" if self._asynchronous else "written to", self.directory)
         return saved
 
+    def step_dir(self, step: int) -> Path:
+        return Path(self.directory) / str(step)
+
     def restore(self, step: int, abstract_state: Any) -> Any:
         """The TrainState saved at `step`, placed as `abstract_state` says (ShapeDtypeStructs with
-        shardings, e.g. `sharding.with_shardings`)."""
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
-        )
+        shardings, e.g. `sharding.with_shardings`).
+
+        Raises CorruptCheckpointError when the step's files do not read back, and ValueError when
+        they do but hold arrays of other shapes than `abstract_state` (another network or
+        optimizer): the saved shapes are compared before any array is read.
+        """
+        want = sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(abstract_state))
+        have = sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(self._state_metadata(step)))
+        if want != have:
+            raise ValueError(
+                f"step {step} holds {len(have)} arrays that do not match the {len(want)} of the state "
+                "asked for (another network or optimizer)"
+            )
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
+            )
+        except Exception as error:  # noqa: BLE001 - tensorstore and orbax raise many types
+            raise CorruptCheckpointError(self.step_dir(step), f"{STATE_ITEM}/: {first_line(error)}") from None
         return restored[STATE_ITEM]
 
-    def spec(self, step: int) -> ModelSpec:
-        """The network saved with `step`."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))
-        return ModelSpec.from_json(restored[MODEL_ITEM])
+    def _state_metadata(self, step: int) -> Any:
+        try:
+            with ocp.PyTreeCheckpointer() as checkpointer:
+                return checkpointer.metadata(self.step_dir(step) / STATE_ITEM).item_metadata.tree
+        except Exception as error:  # noqa: BLE001 - a missing or garbled _METADATA, for one
+            raise CorruptCheckpointError(self.step_dir(step),
+                                         f"{STATE_ITEM}/ metadata: {first_line(error)}") from None
+
+    def spec(self, step: int) -> Spec:
+        """The network saved with `step` (CorruptCheckpointError when it does not read back)."""
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))
+            return spec_from_json(restored[MODEL_ITEM])
+        except Exception as error:  # noqa: BLE001 - missing item, bad JSON, bad fields
+            raise CorruptCheckpointError(self.step_dir(step), f"{MODEL_ITEM}/: {first_line(error)}") from None
+
+    def move_aside(self, step: int) -> Path:
+        """Rename a damaged step to `corrupt-<step>` (never deleted) so no reader takes it for a
+        checkpoint again; returns the new path. Process 0 renames; every process calls this."""
+        source = self.step_dir(step)
+        target = Path(self.directory) / f"corrupt-{step}"
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = Path(self.directory) / f"corrupt-{step}-{suffix}"
+        if jax.process_index() == 0:
+            os.rename(source, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"swiftformer_jax: moved aside step {step}")
+        self._manager.reload()
+        return target
 
     def wait(self) -> None:
         """Block until every started save is on disk."""
@@ -211,7 +275,7 @@ class PreemptionWatcher:
 # ----------------------------------------------------------------------------------------------
 
 
-def save_weights(output: str | os.PathLike, variables: Mapping, spec: ModelSpec, *,
+def save_weights(output: str | os.PathLike, variables: Mapping, spec: Spec, *,
                  source: Mapping[str, Any] | None = None) -> None:
     """Write {"params", "batch_stats"} as a checkpoint directory with one step (0), atomically.
 
@@ -261,27 +325,38 @@ def find_step_dir(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def read_spec(step_dir: str | os.PathLike) -> ModelSpec:
-    """The `ModelSpec` saved in a step directory."""
-    return ModelSpec.from_json(ocp.JsonCheckpointHandler().restore(Path(step_dir) / MODEL_ITEM))
+def read_spec(step_dir: str | os.PathLike) -> Spec:
+    """The spec (`ModelSpec` or `RegNetSpec`) saved in a step directory."""
+    return spec_from_json(ocp.JsonCheckpointHandler().restore(Path(step_dir) / MODEL_ITEM))
 
 
-def _restore_variables_from_step_dir(step_dir: Path, ema: bool) -> tuple[ModelSpec, dict]:
-    """params/batch_stats (or the EMA ones) of a step directory, as host NumPy arrays."""
-    spec = read_spec(step_dir)
+def _restore_variables_from_step_dir(step_dir: Path, ema: bool) -> tuple[Spec, dict]:
+    """params/batch_stats (or the EMA ones) of a step directory, as host NumPy arrays.
+
+    CorruptCheckpointError, naming the damaged part, when a file does not read back."""
+    try:
+        spec = read_spec(step_dir)
+    except Exception as error:  # noqa: BLE001 - missing item, bad JSON, bad fields
+        raise CorruptCheckpointError(step_dir, f"{MODEL_ITEM}/: {first_line(error)}") from None
     names = _EMA_COLLECTIONS if ema else _VARIABLE_COLLECTIONS
     with ocp.PyTreeCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(step_dir / STATE_ITEM).item_metadata.tree
+        try:
+            metadata = checkpointer.metadata(step_dir / STATE_ITEM).item_metadata.tree
+        except Exception as error:  # noqa: BLE001
+            raise CorruptCheckpointError(step_dir, f"{STATE_ITEM}/ metadata: {first_line(error)}") from None
         missing = [n for n in names if n not in metadata]
         if missing:
             what = "EMA weights (it holds imported weights, or weights alone)" if ema else f"{missing}"
             raise ValueError(f"{step_dir} has no {what}")
         item = {n: jax.tree_util.tree_map(lambda m: np.zeros((), m.dtype), metadata[n]) for n in names}
         restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        restored = checkpointer.restore(
-            step_dir / STATE_ITEM,
-            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
-        )
+        try:
+            restored = checkpointer.restore(
+                step_dir / STATE_ITEM,
+                args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+            )
+        except Exception as error:  # noqa: BLE001 - tensorstore and orbax raise many types
+            raise CorruptCheckpointError(step_dir, f"{STATE_ITEM}/: {first_line(error)}") from None
     return spec, {"params": restored[names[0]], "batch_stats": restored[names[1]]}
 
 
@@ -310,8 +385,8 @@ def _read_legacy_import(directory: Path, ema: bool) -> tuple[ModelSpec, dict]:
     return spec, _to_numpy(variables)
 
 
-def load_variables(path: str | os.PathLike, *, ema: bool = False) -> tuple[ModelSpec, dict]:
-    """(ModelSpec, {"params", "batch_stats"} as host arrays) from any checkpoint this package reads.
+def load_variables(path: str | os.PathLike, *, ema: bool = False) -> tuple[Spec, dict]:
+    """(spec, {"params", "batch_stats"} as host arrays) from any checkpoint this package reads.
 
     `path`: a workdir / checkpoint directory (latest step) / step directory, a directory of the
     earlier import layout, or a PyTorch file. `ema` takes a trainer checkpoint's EMA weights (or a
@@ -337,14 +412,18 @@ def load_variables(path: str | os.PathLike, *, ema: bool = False) -> tuple[Model
 
 
 def load_checkpoint(path: str | os.PathLike, *, ema: bool = False,
-                    **build_kwargs: Any) -> tuple[SwiftFormer, dict, ModelSpec]:
-    """(model, variables, spec) from any checkpoint `load_variables` reads.
+                    **build_kwargs: Any) -> tuple[Any, dict, Spec]:
+    """(model, variables, spec) from any checkpoint `load_variables` reads: a SwiftFormer, or a
+    RegNetY (`regnet.RegNetY`) when the checkpoint holds one.
 
-    The model is `spec.build(**build_kwargs)` (dtype, bn_group_size, drop rates); pass
-    `attention_version=` to override the recorded version. Variables are host NumPy arrays.
+    The model is `spec.build(**build_kwargs)` (dtype, bn_group_size; drop rates for SwiftFormer);
+    pass `attention_version=` to override a SwiftFormer's recorded version. Variables are host
+    NumPy arrays.
     """
     spec, variables = load_variables(path, ema=ema)
     if "attention_version" in build_kwargs:
+        if not isinstance(spec, ModelSpec):
+            raise ValueError(f"{path} holds a {spec.describe()}, which has no attention version")
         spec = dataclasses.replace(spec, attention_version=build_kwargs.pop("attention_version"))
     return spec.build(**build_kwargs), variables, spec
 

@@ -5,16 +5,19 @@
      "train/images_per_second": 5120.0, "eval/accuracy": 0.61, "eval/ema_accuracy": 0.55,
      "eval/loss": 1.73}
 (eval keys only on eval steps). The same scalars go to TensorBoard event files in `workdir`
-(`tensorboard --logdir=WORKDIR`). A resumed run appends to both; steps logged after the last
-checkpoint of the interrupted run appear twice, and the later line is the one that counts.
+(`tensorboard --logdir=WORKDIR`). A resumed run first drops what the interrupted attempt logged
+past the step it resumes from (`drop_records_after`), then appends: each step is logged once,
+and each attempt writes a new event file whose steps continue the last one's.
 Other processes get a writer that writes nothing, so callers never branch on the process index.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import tempfile
 from typing import Mapping
 
 import jax
@@ -92,3 +95,67 @@ def read_metrics(workdir: str) -> list[dict]:
     """The records of `workdir/metrics.jsonl`, in file order (for tests, notebooks and scripts)."""
     with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def drop_records_after(workdir: str, step: int) -> int:
+    """Remove the records a killed attempt wrote past `step` (the step a run resumes from): rows
+    of `metrics.jsonl` and TensorBoard points with a larger step. Each file that changes is
+    rewritten aside and renamed over the old one. Returns the number of records dropped."""
+    dropped = 0
+    path = os.path.join(workdir, METRICS_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            lines = [line for line in handle if line.strip()]
+        kept = [line for line in lines if _step_of_line(line, path) <= step]
+        if len(kept) != len(lines):
+            dropped += len(lines) - len(kept)
+            _replace(path, lambda out: out.writelines(kept), binary=False)
+    for events in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+        dropped += _drop_events_after(events, step)
+    return dropped
+
+
+def _step_of_line(line: str, path: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} holds a line that is not a metrics record: {line[:80]!r}") from None
+
+
+def _drop_events_after(path: str, step: int) -> int:
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    records = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+    kept = []
+    for record in records:
+        event = event_pb2.Event.FromString(record)
+        if not (event.HasField("summary") and event.step > step):
+            kept.append(record)
+    if len(kept) == len(records):
+        return 0
+
+    def write(out_path: str) -> None:
+        with tf.io.TFRecordWriter(out_path) as writer:
+            for record in kept:
+                writer.write(record)
+
+    _replace(path, write, binary=True, by_path=True)
+    return len(records) - len(kept)
+
+
+def _replace(path: str, write, *, binary: bool, by_path: bool = False) -> None:
+    """Write a new version of `path` to a temporary sibling, then rename it over `path`."""
+    directory, name = os.path.split(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        if by_path:
+            os.close(descriptor)
+            write(temporary)
+        else:
+            with os.fdopen(descriptor, "wb" if binary else "w", encoding=None if binary else "utf-8") as out:
+                write(out)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

@@ -103,13 +103,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if d.kind != "none" and not d.teacher:
         fail(
             f"config.distillation.kind={d.kind!r} needs a teacher, and config.distillation.teacher is "
-            "empty. The official recipe distils from RegNetY-160, which this package cannot load: pass "
-            "a SwiftFormer teacher (--config.distillation.teacher=PATH: a PyTorch file, a directory "
-            "imported with `python -m swiftformer_jax.convert import`, or a workdir of this trainer), "
+            "empty. The official recipe distils from DeiT's RegNetY-160: download "
+            "https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth, import it with `python -m "
+            "swiftformer_jax.convert import --checkpoint regnety_160-a5fe301d.pth --output "
+            "checkpoints/regnety_160` and pass --config.distillation.teacher=checkpoints/regnety_160 "
+            "(a PyTorch file, another imported directory or a workdir of this trainer is a teacher too), "
             "or train without distillation (--config.distillation.kind=none)"
         )
     if d.kind != "none" and not os.path.exists(os.path.expanduser(d.teacher)):
-        fail(f"config.distillation.teacher={d.teacher!r} does not exist")
+        fail(
+            f"config.distillation.teacher={d.teacher!r} does not exist. The official teacher is DeiT's "
+            "RegNetY-160: download https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth and "
+            "import it with `python -m swiftformer_jax.convert import --checkpoint "
+            f"regnety_160-a5fe301d.pth --output {d.teacher}` (or point the key at another teacher: a "
+            "PyTorch file, an imported directory, a workdir of this trainer), or train without "
+            "distillation (--config.distillation.kind=none)"
+        )
     if config.init_from and not os.path.exists(os.path.expanduser(config.init_from)):
         fail(f"config.init_from={config.init_from!r} does not exist")
     if not 0.0 <= config.ema_decay <= 1.0:
@@ -220,13 +229,22 @@ def build_model(config: ml_collections.ConfigDict, spec: ModelSpec) -> SwiftForm
 
 
 def load_teacher(config: ml_collections.ConfigDict, num_classes: int):
-    """(teacher model, its variables on the host) or (None, None) without distillation."""
+    """(teacher model, its variables on the host) or (None, None) without distillation.
+
+    The teacher is any classifier checkpoint `checkpoint.load_checkpoint` reads: a SwiftFormer or
+    a RegNetY (DeiT's RegNetY-160 release file, or its import). It runs frozen, in eval mode, in
+    `config.distillation.teacher_dtype` ('' = `config.dtype`).
+    """
     if config.distillation.kind == "none":
         return None, None
     path = config.distillation.teacher
+    dtype = config.distillation.teacher_dtype or config.dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"config.distillation.teacher_dtype must be '' (config.dtype) or one of "
+                          f"{sorted(DTYPES)}, got {dtype!r}")
     try:
         teacher, variables, spec = checkpoint_lib.load_checkpoint(
-            path, ema=config.distillation.teacher_ema, dtype=DTYPES[config.dtype])
+            path, ema=config.distillation.teacher_ema, dtype=DTYPES[dtype])
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"config.distillation.teacher={path!r} cannot be loaded: {error}") from None
     if not spec.has_classifier:
@@ -236,7 +254,7 @@ def load_teacher(config: ml_collections.ConfigDict, num_classes: int):
             f"the teacher ({path}) predicts {spec.num_classes} classes but {config.dataset} has "
             f"{num_classes}: use a teacher trained on the same classes"
         )
-    log.info("Teacher: %s, from %s.", spec.describe(), path)
+    log.info("Teacher: %s, from %s, compute dtype %s.", spec.describe(), path, dtype)
     return teacher, variables
 
 
@@ -501,9 +519,14 @@ def evaluate(config, eval_step, state, sharding, num_examples: int,
 
 
 def initial_state(config, run: Setup, init_rng, checkpointer) -> tuple[TrainState, Any]:
-    """(state, shardings): the workdir's latest checkpoint, else `config.init_from`, else fresh."""
-    latest = checkpointer.latest_step()
-    if latest is not None:
+    """(state, shardings): the workdir's latest checkpoint, else `config.init_from`, else fresh.
+
+    A latest step whose files do not read back (a failing disk, a partial copy) is moved aside as
+    `corrupt-<step>` and the one before it is tried; a step that reads but belongs to another
+    network or optimizer is a ConfigError, and nothing is moved.
+    """
+    moved = []
+    while (latest := checkpointer.latest_step()) is not None:
         # Resume: the whole state, restored straight into its sharding. The config must describe
         # the same network and optimizer as the run that wrote it.
         abstract, shardings = abstract_train_state(run.model, run.tx, config, run.mesh, init_rng)
@@ -512,6 +535,11 @@ def initial_state(config, run: Setup, init_rng, checkpointer) -> tuple[TrainStat
             if saved != run.spec:
                 raise ValueError(f"the checkpoint's network is {saved}, the config's is {run.spec}")
             restored = checkpointer.restore(latest, abstract)
+        except checkpoint_lib.CorruptCheckpointError as error:
+            where = checkpointer.move_aside(latest)
+            moved.append(str(where))
+            log.warning("Checkpoint step %d does not restore (%s); moved aside to %s.", latest, error.reason, where)
+            continue
         except (ValueError, KeyError, TypeError) as error:
             raise ConfigError(
                 f"cannot resume from {checkpointer.directory} (step {latest}) with this config: "
@@ -519,6 +547,11 @@ def initial_state(config, run: Setup, init_rng, checkpointer) -> tuple[TrainStat
             ) from None
         log.info("Resuming from %s at step %d.", checkpointer.directory, latest)
         return restored, shardings
+    if moved:
+        raise ConfigError(
+            f"no checkpoint in {checkpointer.directory} restores (moved aside: {', '.join(moved)}); "
+            "remove the workdir's checkpoints/ to start afresh, or restore them from a copy"
+        )
     state, shardings = create_train_state(run.model, run.tx, config, run.mesh, init_rng)
     if config.init_from:
         # Fine-tune: params and batch statistics only; optimizer, EMA (= the loaded weights) and
@@ -588,11 +621,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR), keep=config.keep_checkpoints, best_metric=config.best_metric,
         asynchronous=config.async_checkpointing, remove_unfinished=True,
     )
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = None
     watcher = checkpoint_lib.PreemptionWatcher()
     try:
         state, state_shardings = initial_state(config, run, init_rng, checkpointer)
         start_step = int(jax.device_get(state.step))
+        if process_index == 0:  # a killed attempt's records past the step this run starts from
+            dropped = metrics_lib.drop_records_after(workdir, start_step)
+            if dropped:
+                log.info("Dropped %d metric records the interrupted run logged after step %d.", dropped, start_step)
+        writer = metrics_lib.MetricWriter(workdir)
         num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
         log.info("Model: %s, %s parameters, compute dtype %s.", spec.describe(), f"{num_params:,}", config.dtype)
         teacher_variables, teacher_shardings = None, None
@@ -625,7 +663,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      run.data.num_eval_examples)
     finally:
         watcher.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         checkpointer.close()  # waits for the last asynchronous save
 
 

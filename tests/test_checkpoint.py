@@ -194,3 +194,91 @@ def test_unfinished_saves_are_removed_by_the_trainer_only(tmp_path, remove_unfin
     assert checkpointer.all_steps() == [2]
     checkpointer.close()
     assert unfinished.exists() != remove_unfinished
+
+
+def test_export_and_predict_read_a_trainer_checkpoint(trainer_workdir, tmp_path, capsys):
+    from PIL import Image
+
+    from swiftformer_jax import predict
+
+    workdir, variables = trainer_workdir
+    output = tmp_path / "ema.safetensors"
+    assert convert.main(["export", "--checkpoint", workdir, "--ema", "--output", str(output)]) == 0
+    state = convert.read_torch_file(output)
+    np.testing.assert_allclose(state["head.weight"].numpy(), variables["params"]["head"]["kernel"].T * 0.5)
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (240, 260, 3), dtype=np.uint8)).save(image)
+    capsys.readouterr()
+    assert predict.main(["--checkpoint", workdir, "--top-k", "3", str(image)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    model = TINY.build()
+    probabilities = jax.nn.softmax(model.apply(variables, predict.preprocess(Image.open(image), 224)[None]))[0]
+    best = int(np.argmax(probabilities))
+    assert lines[0] == str(image) and len(lines) == 4 and lines[1].split()[:2] == ["1.", str(best)]
+
+
+def _damage(step_dir, kind: str) -> None:
+    """What a failing disk or a partial copy leaves of a saved step."""
+    import shutil
+
+    arrays = sorted((step_dir / checkpoint.STATE_ITEM).glob("ocdbt.process_0/d/*"), key=lambda p: -p.stat().st_size)
+    if kind == "truncated array file":
+        os.truncate(arrays[0], 100)
+    elif kind == "deleted array file":
+        arrays[0].unlink()
+    elif kind == "garbage state metadata":
+        (step_dir / checkpoint.STATE_ITEM / "_METADATA").write_text("garbage{")
+    elif kind == "garbage model json":
+        next((step_dir / checkpoint.MODEL_ITEM).iterdir()).write_text("nope")
+    elif kind == "empty directory":
+        shutil.rmtree(step_dir)
+        step_dir.mkdir()
+    else:
+        raise AssertionError(kind)
+
+
+DAMAGES = ("truncated array file", "deleted array file", "garbage state metadata", "garbage model json",
+           "empty directory")
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_a_damaged_step_is_named_by_every_reader_and_can_be_moved_aside(tmp_path, kind):
+    root = tmp_path / checkpoint.CHECKPOINT_DIR
+    manager = checkpoint.Checkpointer(str(root), keep=3, asynchronous=False)
+    states = {step: fake_state(step, tiny_variables(seed=step)) for step in (1, 2)}
+    for step, state in states.items():
+        manager.save(step, state, TINY)
+    manager.close()
+    _damage(root / "2", kind)
+    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), states[2])
+
+    manager = checkpoint.Checkpointer(str(root), keep=3, asynchronous=False)
+    try:
+        with pytest.raises(checkpoint.CorruptCheckpointError, match=str(root / "2")):
+            manager.spec(2)
+            manager.restore(2, target)
+        assert manager.move_aside(2) == root / "corrupt-2"
+        assert manager.latest_step() == 1 and manager.spec(1) == TINY
+        restored = manager.restore(1, target)
+    finally:
+        manager.close()
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(states[1])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert (root / "corrupt-2").is_dir()  # kept, never deleted
+    if kind != "empty directory":  # readers of a step directory name it and the damaged part
+        with pytest.raises(checkpoint.CorruptCheckpointError, match=r"corrupt-2 is damaged: (state|model)/"):
+            checkpoint.load_variables(root / "corrupt-2")
+
+
+def test_a_state_of_another_shape_is_refused_not_taken_for_damage(tmp_path):
+    manager = checkpoint.Checkpointer(str(tmp_path / "c"), keep=1, asynchronous=False)
+    try:
+        manager.save(1, fake_state(1, tiny_variables()), TINY)
+        other = fake_state(1, tiny_variables(ModelSpec((1, 1, 1, 1), (8, 16, 16, 32), 10, True)))
+        target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), other)
+        with pytest.raises(ValueError, match="do not match") as info:
+            manager.restore(1, target)
+        assert not isinstance(info.value, checkpoint.CorruptCheckpointError)
+    finally:
+        manager.close()

@@ -7,9 +7,11 @@ other runs (non-finite loss, SIGTERM in a subprocess, init_from) mostly reuse th
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -376,12 +378,19 @@ def test_teacher_loads_from_our_workdir_and_refuses_other_classes(uninterrupted,
 
 
 @pytest.mark.parametrize("variant", ["xs", "s", "l1", "l3"])
-def test_official_configs_demand_a_teacher_or_kind_none(variant, tmp_path):
+def test_official_configs_name_the_official_teacher_or_kind_none(variant, tmp_path, monkeypatch):
     from importlib import import_module
 
+    monkeypatch.chdir(tmp_path)  # the official teacher's default path is relative: absent here
     config = import_module(f"configs.{variant}").get_config()
-    with pytest.raises(train.ConfigError, match=r"needs a teacher.*RegNetY-160.*kind=none"):
-        train.train_and_evaluate(config, str(tmp_path))
+    assert config.distillation.teacher == "checkpoints/regnety_160"
+    message = ".*".join(map(re.escape, [
+        "config.distillation.teacher='checkpoints/regnety_160' does not exist",
+        "https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth",
+        "`python -m swiftformer_jax.convert import --checkpoint regnety_160-a5fe301d.pth --output "
+        "checkpoints/regnety_160`", "--config.distillation.kind=none"]))
+    with pytest.raises(train.ConfigError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "work"))
     assert not os.listdir(tmp_path)  # nothing was written
 
 
@@ -558,3 +567,46 @@ def test_two_processes_train_evaluate_checkpoint_and_restore_in_one_process(tmp_
         assert restored[key] == final[key], key
     for key in ("eval/loss", "eval/ema_loss"):
         assert restored[key] == pytest.approx(final[key], rel=1e-5), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Damage: a corrupt latest checkpoint is moved aside; a killed attempt's records are dropped
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["truncated array file", "garbage model json"])
+def test_a_damaged_latest_checkpoint_is_skipped_and_the_run_ends_as_if_it_resumed_there(
+        uninterrupted, kind, tmp_path, digits_data_dir, caplog):
+    from test_checkpoint import _damage
+
+    workdir_a, state_a = uninterrupted
+    workdir = tmp_path / "work"
+    shutil.copytree(workdir_a, workdir)  # metrics and events up to step 6, checkpoints 3 and 6
+    _damage(workdir / checkpoint.CHECKPOINT_DIR / "6", kind)
+    with caplog.at_level("WARNING", logger="swiftformer_jax"):
+        state = host(train.train_and_evaluate(loop_config(digits_data_dir), str(workdir)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("step 6 does not restore" in w and "corrupt-6" in w for w in warnings), warnings
+    assert (workdir / checkpoint.CHECKPOINT_DIR / "corrupt-6").is_dir()
+    for name in ("step", "params", "batch_stats", "opt_state", "ema_params", "ema_batch_stats"):
+        for a, b in zip(jax.tree_util.tree_leaves(getattr(state_a, name)), jax.tree_util.tree_leaves(getattr(state, name))):
+            np.testing.assert_array_equal(b, a, err_msg=name)
+    # Steps 4-6 were logged by the first run and again after resuming at 3: each appears once.
+    assert [r["step"] for r in metrics.read_metrics(str(workdir))] == [1, 2, 3, 4, 5, 6]
+    losses = collections.Counter()
+    for record in tf.data.TFRecordDataset(sorted(glob.glob(str(workdir / "events.out.tfevents.*")))):
+        event = tf.compat.v1.Event.FromString(record.numpy())
+        losses.update(event.step for value in event.summary.value if value.tag == "train/loss")
+    assert losses == {step: 1 for step in range(1, 7)}
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_stops_before_training(uninterrupted, tmp_path, digits_data_dir):
+    from test_checkpoint import _damage
+
+    workdir = tmp_path / "work"
+    shutil.copytree(uninterrupted[0], workdir)
+    for step in ("3", "6"):
+        _damage(workdir / checkpoint.CHECKPOINT_DIR / step, "garbage state metadata")
+    with pytest.raises(train.ConfigError, match="no checkpoint in .* restores"):
+        train.train_and_evaluate(loop_config(digits_data_dir), str(workdir))
+    assert [r["step"] for r in metrics.read_metrics(str(workdir))] == [1, 2, 3, 4, 5, 6]  # untouched
