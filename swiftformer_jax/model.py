@@ -32,6 +32,7 @@ VARIANT_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "L3": ((4, 4, 12, 6), (64, 128, 320, 512)),
 }
 CUSTOM = "custom"  # the variant name of a network whose sizes are in no row of the table
+ARCHITECTURE = "swiftformer"  # the "architecture" of a SwiftFormer checkpoint's model JSON
 
 
 def variant_name(variant: str) -> str:
@@ -131,16 +132,19 @@ class ModelSpec:
         return _abstract_variables(self.build())
 
     def to_json(self) -> dict[str, Any]:
-        return {"variant": self.variant, **dataclasses.asdict(self),
+        return {"architecture": ARCHITECTURE, "variant": self.variant, **dataclasses.asdict(self),
                 "depths": list(self.depths), "widths": list(self.widths)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ModelSpec":
         """The spec saved by `to_json`, or by earlier versions of this package: trainer checkpoints
         without `features_only`/`image_size`, imported checkpoints with a variant name and no sizes.
-        Other keys (a checkpoint's provenance) are ignored."""
+        Other keys (a checkpoint's provenance) are ignored; a missing "architecture" means SwiftFormer."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a model description must be a JSON object, got {type(data).__name__}")
+        if data.get("architecture", ARCHITECTURE) != ARCHITECTURE:
+            raise ValueError(f"model description {dict(data)} is not a SwiftFormer's (architecture "
+                             f"{data['architecture']!r}); read it with specs.spec_from_json")
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields}
         if "depths" not in values and "widths" not in values:
