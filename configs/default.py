@@ -70,8 +70,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.distillation.kind = "hard"  # 'none' (one head) | 'hard' | 'soft'
     config.distillation.alpha = 0.5  # weight of the distillation term
     config.distillation.tau = 1.0  # temperature of soft distillation
-    config.distillation.teacher = ""  # teacher checkpoint: workdir, imported dir or PyTorch file
+    # The official teacher, DeiT's RegNetY-160 (https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth)
+    # imported with `python -m swiftformer_jax.convert import --checkpoint regnety_160-a5fe301d.pth
+    # --output checkpoints/regnety_160`; any checkpoint of a classifier (a workdir, an imported dir,
+    # a PyTorch file; SwiftFormer or RegNetY) is a teacher too. Relative paths are from the cwd.
+    config.distillation.teacher = "checkpoints/regnety_160"
     config.distillation.teacher_ema = False  # use the teacher checkpoint's EMA weights
+    config.distillation.teacher_dtype = ""  # teacher compute dtype: '' = config.dtype, 'float32', 'bfloat16'
 
     # Optimisation ----------------------------------------------------------------------------
     config.batch_size = 2048  # global batch, over all devices and processes

@@ -1,11 +1,10 @@
 """SwiftFormer-L1 on ImageNet-1k, the official recipe (paper: 80.9% top-1, 12.1M params, 1.6 GMACs).
 
-  python main.py --config=configs/l1.py --workdir=DIR --config.data_dir=TFDS_DIR \
-      --config.distillation.teacher=TEACHER
+  python main.py --config=configs/l1.py --workdir=DIR --config.data_dir=TFDS_DIR
 
 The full default.py recipe: RandAugment, random erasing, mixup 0.8 / cutmix 1.0. Distillation as in
-s.py: the official RegNetY-160 teacher cannot be loaded; give a SwiftFormer teacher (e.g. the
-released L3, imported) or --config.distillation.kind=none.
+s.py: from DeiT's RegNetY-160, imported into `checkpoints/regnety_160` (or
+--config.distillation.kind=none).
 """
 
 from configs import default

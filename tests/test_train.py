@@ -379,6 +379,7 @@ def test_teacher_loads_from_our_workdir_and_refuses_other_classes(uninterrupted,
 
 @pytest.mark.parametrize("variant", ["xs", "s", "l1", "l3"])
 def test_official_configs_name_the_official_teacher_or_kind_none(variant, tmp_path, monkeypatch):
+    import re
     from importlib import import_module
 
     monkeypatch.chdir(tmp_path)  # the official teacher's default path is relative: absent here
