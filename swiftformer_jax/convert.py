@@ -24,6 +24,12 @@ naming and 2 otherwise. `import` records it in the spec of the checkpoint it wri
 `import` writes the package's one checkpoint layout (see `checkpoint.py`): a checkpoint directory
 whose step 0 holds {"params", "batch_stats"} and the `ModelSpec`, with the source file, its
 sha256, naming and entry. `export` reads any checkpoint `checkpoint.load_variables` reads.
+
+RegNetY (the paper's teacher, DeiT's `regnety_160-a5fe301d.pth`) goes through the same files and
+command line: `read_torch_checkpoint`, `import_checkpoint` and `export_checkpoint` tell the
+architecture from the keys (`detect_architecture`) and hand a RegNetY to `regnet_convert.py`
+(timm and Hugging Face naming; "official" means timm's there, DeiT's release), whose `RegNetSpec`
+is stored like a `ModelSpec`. `from_torch`, `to_torch` and `model_spec` here are SwiftFormer's.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from swiftformer_jax.checkpoint import load_checkpoint  # noqa: F401 - convert.l
 from swiftformer_jax.model import VARIANT_SIZES, ModelSpec
 
 NAMINGS = ("official", "hf", "timm")
+ARCHITECTURES = ("swiftformer", "regnety")
 # Entries of the official training checkpoints ({'model', 'model_ema', 'optimizer', 'args', ...}).
 CHECKPOINT_ENTRIES = ("model", "model_ema")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")
@@ -545,7 +552,8 @@ def write_torch_file(state_dict: Mapping[str, np.ndarray], path: str | os.PathLi
         raise FileNotFoundError(f"output directory does not exist: {path.parent}")
     import torch
 
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    # ascontiguousarray makes 0-d arrays 1-d: the shape is put back (num_batches_tracked is 0-d).
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v).reshape(np.shape(v))) for k, v in state_dict.items()}
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(descriptor)
     try:
@@ -570,13 +578,66 @@ def _check_torch_suffix(path: Path) -> None:
         )
 
 
-def read_torch_checkpoint(path: str | os.PathLike, *, which: str = "model",
-                          variant: str | None = None,
-                          attention_version: int | None = None) -> tuple[ModelSpec, dict]:
-    """(ModelSpec, Flax variables as NumPy arrays) from a PyTorch file: `read_torch_file`, then
-    the strict `from_torch`. The attention version defaults to the naming's (module docstring)."""
-    weights = _canonical(read_torch_file(path), which)
+# Keys only a SwiftFormer state dict has (any naming), against `regnet_convert.looks_like_regnet`.
+_SWIFTFORMER_KEY = re.compile(
+    r"(module\.)?(swiftformer\.|patch_embed\.|network\.\d|encoder\.network\.|stem\.\d|stages\.\d|"
+    r"dist_head\.|head_dist\.|head\.(weight|bias)$|norm\d?\.)"
+)
+
+
+def _regnet_convert():
+    from swiftformer_jax import regnet_convert  # it imports this module: loaded on first use
+
+    return regnet_convert
+
+
+def detect_architecture(checkpoint: Mapping, *, which: str = "model") -> str:
+    """"swiftformer" or "regnety": the network a PyTorch state dict (any naming and wrapping)
+    holds, from which of the two architectures' key patterns more of its keys follow. A state
+    dict with neither raises ValueError."""
+    state, _ = _select_entry(checkpoint, which)
+    keys = [k for k in state if isinstance(k, str)]
+    regnet = _regnet_convert().looks_like_regnet(keys)
+    swiftformer = sum(1 for k in keys if _SWIFTFORMER_KEY.match(k))
+    if regnet == swiftformer == 0:
+        raise ValueError(
+            f"found no SwiftFormer stage tensors and no RegNetY tensors in this state dict of "
+            f"{len(state)} entries (first keys: {[str(k) for k in list(state)[:5]]})"
+        )
+    return "regnety" if regnet > swiftformer else "swiftformer"
+
+
+def _convert_any(checkpoint: Mapping, which: str, variant: str | None, attention_version: int | None,
+                 architecture: str | None) -> tuple[object, dict, str, str | None]:
+    """(spec, variables, naming, entry) of a SwiftFormer or RegNetY state dict, strictly."""
+    found = detect_architecture(checkpoint, which=which)
+    if architecture is not None and architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
+    if found == "regnety":
+        regnet_convert = _regnet_convert()
+        weights = regnet_convert.canonical(checkpoint, which)
+        if architecture not in (None, found):
+            raise ValueError(f"the checkpoint holds a RegNetY state dict ({weights.naming} naming), not a {architecture}")
+        if variant is not None or attention_version is not None:
+            raise ValueError("the checkpoint holds a RegNetY state dict: a variant and an attention version "
+                             "are SwiftFormer settings, give neither")
+        spec, variables = regnet_convert.convert(weights)
+        return spec, variables, weights.naming, weights.entry
+    weights = _canonical(checkpoint, which)
+    if architecture not in (None, found):
+        raise ValueError(f"the checkpoint holds a SwiftFormer state dict ({weights.naming} naming), not a {architecture}")
     spec, variables = _convert(weights, variant, attention_version)
+    return spec, variables, weights.naming, weights.entry
+
+
+def read_torch_checkpoint(path: str | os.PathLike, *, which: str = "model",
+                          variant: str | None = None, attention_version: int | None = None,
+                          architecture: str | None = None) -> tuple[object, dict]:
+    """(spec, Flax variables as NumPy arrays) from a PyTorch file: `read_torch_file`, then the
+    strict `from_torch` (a `ModelSpec`), or `regnet_convert`'s for a RegNetY (a `RegNetSpec`).
+    The architecture comes from the keys (`architecture` insists on one); the attention version
+    defaults to the naming's (module docstring)."""
+    spec, variables, _, _ = _convert_any(read_torch_file(path), which, variant, attention_version, architecture)
     return spec, jax.tree_util.tree_map(np.asarray, variables)
 
 
@@ -587,10 +648,13 @@ def import_checkpoint(
     variant: str | None = None,
     attention_version: int | None = None,
     which: str = "model",
-) -> tuple[ModelSpec, dict]:
-    """Convert a PyTorch checkpoint file into a checkpoint directory (see `checkpoint.py`).
+    architecture: str | None = None,
+) -> tuple[object, dict]:
+    """Convert a PyTorch checkpoint file (a SwiftFormer, or a RegNetY teacher) into a checkpoint
+    directory (see `checkpoint.py`).
 
-    `attention_version` None takes the naming's default (1 for Hugging Face, else 2). The output
+    The architecture comes from the keys (`architecture` insists on one). `attention_version`
+    None takes the naming's default (1 for Hugging Face, else 2; SwiftFormer only). The output
     must not exist; it is written aside and renamed at the end. Returns the spec and the source
     description (file, sha256, naming, entry) it recorded.
     """
@@ -600,10 +664,10 @@ def import_checkpoint(
     if not output.parent.is_dir():
         raise FileNotFoundError(f"output directory does not exist: {output.parent}")
     source = Path(checkpoint)
-    weights = _canonical(read_torch_file(source), which)
-    spec, variables = _convert(weights, variant, attention_version)
-    provenance = {"file": str(source.resolve()), "sha256": _sha256(source), "naming": weights.naming,
-                  "entry": weights.entry}
+    spec, variables, naming, entry = _convert_any(read_torch_file(source), which, variant,
+                                                  attention_version, architecture)
+    provenance = {"file": str(source.resolve()), "sha256": _sha256(source), "naming": naming,
+                  "entry": entry}
     checkpoint_lib.save_weights(output, variables, spec, source=provenance)
     return spec, provenance
 
@@ -611,16 +675,21 @@ def import_checkpoint(
 def export_checkpoint(
     checkpoint: str | os.PathLike, output: str | os.PathLike, *, naming: str = "official",
     ema: bool = False, num_batches_tracked: bool = True,
-) -> ModelSpec:
+) -> object:
     """Write the weights of any checkpoint (imported, or a trainer's workdir / step; `ema` for its
-    EMA weights) as a PyTorch state dict file (see `to_torch`). Returns the checkpoint's spec."""
+    EMA weights) as a PyTorch state dict file (see `to_torch`; for a RegNetY
+    `regnet_convert.to_torch`, where "official" is timm's naming). Returns the checkpoint's spec."""
     _check_naming(naming)
     output = Path(output)
     _check_torch_suffix(output)
     if output.exists():
         raise FileExistsError(f"output already exists: {output}")
     spec, variables = checkpoint_lib.load_variables(checkpoint, ema=ema)
-    write_torch_file(to_torch(variables, naming, num_batches_tracked=num_batches_tracked), output)
+    if isinstance(spec, ModelSpec):
+        state = to_torch(variables, naming, num_batches_tracked=num_batches_tracked)
+    else:
+        state = _regnet_convert().to_torch(variables, naming, num_batches_tracked=num_batches_tracked)
+    write_torch_file(state, output)
     return spec
 
 
@@ -640,12 +709,15 @@ def _sha256(path: Path) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m swiftformer_jax.convert",
-        description="Convert SwiftFormer weights between PyTorch files and orbax checkpoints.",
+        description="Convert SwiftFormer weights (and RegNetY teachers') between PyTorch files and "
+        "orbax checkpoints.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     imp = commands.add_parser(
         "import", help="PyTorch .pth/.pt/.bin/.safetensors (official, Hugging Face or timm) -> orbax dir",
     )
+    imp.add_argument("--architecture", choices=ARCHITECTURES,
+                     help="insist on the network the file holds; default: from the keys")
     imp.add_argument("--checkpoint", required=True, help="PyTorch checkpoint file")
     imp.add_argument("--output", required=True, help="directory to create (must not exist)")
     imp.add_argument("--variant", choices=list(VARIANT_SIZES), type=str.upper, help="default: from shapes")
@@ -658,7 +730,8 @@ def _parser() -> argparse.ArgumentParser:
     exp = commands.add_parser("export", help="checkpoint (made by import or training) -> PyTorch file")
     exp.add_argument("--checkpoint", required=True, help="imported checkpoint, workdir or step directory")
     exp.add_argument("--ema", action="store_true", help="export a trainer checkpoint's EMA weights")
-    exp.add_argument("--naming", choices=NAMINGS, default="official")
+    exp.add_argument("--naming", choices=NAMINGS, default="official",
+                     help="for a RegNetY: official = timm (DeiT's release), or hf")
     exp.add_argument("--output", required=True, help=".pth/.pt/.bin or .safetensors file (must not exist)")
     return parser
 
@@ -670,7 +743,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import":
             which = "model_ema" if args.ema else "model"
             spec, source = import_checkpoint(args.checkpoint, args.output, variant=args.variant,
-                                             attention_version=args.attention_version, which=which)
+                                             attention_version=args.attention_version, which=which,
+                                             architecture=args.architecture)
             entry = f", entry {source['entry']!r}" if source["entry"] else ""
             print(f"imported {spec.describe()} ({source['naming']} naming{entry}) into {args.output}")
         else:
