@@ -52,7 +52,7 @@ from flax import traverse_util
 from swiftformer_jax import layout, ops
 from swiftformer_jax import checkpoint as checkpoint_lib
 from swiftformer_jax.checkpoint import load_checkpoint  # noqa: F401 - convert.load_checkpoint, as documented
-from swiftformer_jax.model import VARIANT_SIZES, ModelSpec
+from swiftformer_jax.model import VARIANT_SIZES, ModelSpec, variant_name
 
 NAMINGS = ("official", "hf", "timm")
 ARCHITECTURES = ("swiftformer", "regnety")
@@ -706,6 +706,13 @@ def _sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _variant_argument(text: str) -> str:
+    try:
+        return variant_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m swiftformer_jax.convert",
@@ -720,7 +727,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="insist on the network the file holds; default: from the keys")
     imp.add_argument("--checkpoint", required=True, help="PyTorch checkpoint file")
     imp.add_argument("--output", required=True, help="directory to create (must not exist)")
-    imp.add_argument("--variant", choices=list(VARIANT_SIZES), type=str.upper, help="default: from shapes")
+    imp.add_argument("--variant", type=_variant_argument,
+                     help=f"{', '.join(VARIANT_SIZES)} (any case); default: from the shapes")
     imp.add_argument(
         "--attention-version", type=int, choices=ops.ATTENTION_VERSIONS,
         help="1: first official release (March 2023) and Hugging Face; 2: official since July 2023 "
