@@ -61,6 +61,11 @@ LEGACY_METADATA_FORMAT = "swiftformer-jax/imported-checkpoint"
 # ----------------------------------------------------------------------------------------------
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, for one); the message names the last
+    complete checkpoint, which is intact."""
+
+
 class CorruptCheckpointError(ValueError):
     """A saved step that cannot be read back: missing or truncated files, unreadable metadata.
 
@@ -100,6 +105,8 @@ class Checkpointer:
                 get_metric_fn=best_fn, n=1, keep_checkpoints_without_metrics=False,
             ))
         self._asynchronous = asynchronous
+        self._failed: CheckpointWriteError | None = None
+        self._pending: int | None = None  # the step of the save that may still be in the background
         options = ocp.CheckpointManagerOptions(
             best_fn=best_fn,
             best_mode="max",
@@ -138,7 +145,11 @@ class Checkpointer:
             STATE_ITEM: ocp.args.StandardSave(state),
             MODEL_ITEM: ocp.args.JsonSave({**spec.to_json(), **({"source": dict(source)} if source else {})}),
         })
-        saved = self._manager.save(step, args=args, metrics=metrics, force=True)
+        try:
+            saved = self._manager.save(step, args=args, metrics=metrics, force=True)
+        except Exception as error:  # noqa: BLE001 - this save, or the previous one in the background
+            raise self._write_failure(self._pending if self._pending is not None else step, error) from None
+        self._pending = step
         log.info("Checkpoint of step %d %s %s.", step,
                  "being written to" if self._asynchronous else "written to", self.directory)
         return saved
@@ -204,12 +215,40 @@ class Checkpointer:
         return target
 
     def wait(self) -> None:
-        """Block until every started save is on disk."""
-        self._manager.wait_until_finished()
+        """Block until every started save is on disk (CheckpointWriteError if one failed)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001
+            raise self._write_failure(self._pending, error) from None
+        self._pending = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for the last save and close; after a write failure already raised, only close."""
+        try:
+            if self._failed is None:
+                self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001 - its pending save failed, and that was reported
+                if self._failed is None:
+                    raise
+
+    def complete_steps(self) -> list[int]:
+        """The steps whose saves finished, read from the directory itself."""
+        root = Path(self.directory)
+        return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and _is_step_dir(p)) if root.is_dir() else []
+
+    def _write_failure(self, step: int | None, error: BaseException) -> "CheckpointWriteError":
+        complete = self.complete_steps()
+        last = f"step {complete[-1]}" if complete else "none"
+        saving = f" (saving step {step})" if step is not None else ""
+        self._failed = CheckpointWriteError(
+            f"cannot write a checkpoint to {self.directory}{saving}: {first_line(error)}. The last complete "
+            f"checkpoint is {last}; an unfinished save is never read as a checkpoint (it stays as "
+            "<step>.orbax-checkpoint-tmp until the run resumes). Free space, then rerun the same command to resume."
+        )
+        return self._failed
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,13 +99,16 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def drop_records_after(workdir: str, step: int) -> int:
     """Remove the records a killed attempt wrote past `step` (the step a run resumes from): rows
-    of `metrics.jsonl` and TensorBoard points with a larger step. Each file that changes is
-    rewritten aside and renamed over the old one. Returns the number of records dropped."""
+    of `metrics.jsonl` and TensorBoard points with a larger step, and a last record that the kill
+    cut short. Each file that changes is rewritten aside and renamed over the old one. Returns
+    the number of records dropped."""
     dropped = 0
     path = os.path.join(workdir, METRICS_FILE)
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8", errors="replace") as handle:
             lines = [line for line in handle if line.strip()]
+        if lines and not lines[-1].endswith("\n"):  # a write the kill interrupted
+            lines[-1] = "{}"  # dropped below as a line without a step
         kept = [line for line in lines if _step_of_line(line, path) <= step]
         if len(kept) != len(lines):
             dropped += len(lines) - len(kept)
@@ -115,7 +118,9 @@ def drop_records_after(workdir: str, step: int) -> int:
     return dropped
 
 
-def _step_of_line(line: str, path: str) -> int:
+def _step_of_line(line: str, path: str) -> float:
+    if line == "{}":
+        return math.inf
     try:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
@@ -126,13 +131,18 @@ def _drop_events_after(path: str, step: int) -> int:
     import tensorflow as tf
     from tensorflow.core.util import event_pb2
 
-    records = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+    records, truncated = [], False
+    try:
+        for record in tf.data.TFRecordDataset(path):
+            records.append(bytes(record.numpy()))
+    except tf.errors.DataLossError:  # the last record was cut short by a kill
+        truncated = True
     kept = []
     for record in records:
         event = event_pb2.Event.FromString(record)
         if not (event.HasField("summary") and event.step > step):
             kept.append(record)
-    if len(kept) == len(records):
+    if len(kept) == len(records) and not truncated:
         return 0
 
     def write(out_path: str) -> None:
@@ -141,7 +151,7 @@ def _drop_events_after(path: str, step: int) -> int:
                 writer.write(record)
 
     _replace(path, write, binary=True, by_path=True)
-    return len(records) - len(kept)
+    return len(records) - len(kept) + int(truncated)
 
 
 def _replace(path: str, write, *, binary: bool, by_path: bool = False) -> None:

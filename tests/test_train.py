@@ -11,6 +11,7 @@ import collections
 import glob
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -611,3 +612,38 @@ def test_a_run_whose_every_checkpoint_is_damaged_stops_before_training(uninterru
     with pytest.raises(train.ConfigError, match="no checkpoint in .* restores"):
         train.train_and_evaluate(loop_config(digits_data_dir), str(workdir))
     assert [r["step"] for r in metrics.read_metrics(str(workdir))] == [1, 2, 3, 4, 5, 6]  # untouched
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a tmpfs of `size` bytes, mounted for the test and unmounted after it."""
+    mounted = []
+
+    def mount(size: int):
+        path = tmp_path / "disk"
+        path.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_full_disk_stops_the_run_with_the_last_good_checkpoint_intact(uninterrupted, small_disk, digits_data_dir):
+    """The disk holds the first checkpoint (step 3) and the run's other files, not the second."""
+    step_bytes = sum(p.stat().st_size for p in (pathlib.Path(uninterrupted[0]) / "checkpoints" / "3").rglob("*")
+                     if p.is_file())
+    disk = small_disk(int(step_bytes * 1.6) + (256 << 10))
+    workdir = disk / "work"
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"saving step 6.*last complete checkpoint is step 3"):
+        train.train_and_evaluate(loop_config(digits_data_dir), str(workdir))
+    spec, variables = checkpoint.load_variables(workdir)  # step 3, whole; the failed save is not a step
+    assert checkpoint.find_step_dir(workdir).name == "3" and spec == train.model_spec(loop_config(digits_data_dir), 10)
+    _, reference = checkpoint.load_variables(pathlib.Path(uninterrupted[0]) / "checkpoints" / "3")
+    for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(reference)):
+        np.testing.assert_array_equal(a, b)
