@@ -80,7 +80,13 @@ def preprocess(image, crop_size: int = CROP_SIZE, resize_size: int | None = None
 
 
 def load_image(path: str | Path):
-    """Open and fully decode an image file; a one-line error for a missing or unreadable one."""
+    """Open and fully decode an image file as 8-bit RGB; a one-line error for a missing,
+    unreadable, truncated or oversized one.
+
+    Grayscale and palette images are expanded to RGB, an alpha channel is dropped (as
+    torchvision's `convert("RGB")`), and 16-bit or float images are scaled to 8 bits by their
+    full range (PIL's own conversion would clip them at 255).
+    """
     from PIL import Image
 
     path = Path(path)
@@ -89,9 +95,24 @@ def load_image(path: str | Path):
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return _to_rgb8(image)
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"cannot read {path}: too large to decode safely ({error})") from None
     except OSError as error:  # PIL.UnidentifiedImageError and truncated files are OSErrors
         raise ValueError(f"cannot read {path} as an image: {error}") from None
+
+
+def _to_rgb8(image):
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 1.0)
+        image = Image.fromarray(np.clip(np.round(pixels / top * 255.0), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(pixels * 255.0), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -508,3 +508,28 @@ def test_predict_errors(imported, tmp_path, capsys):
     assert code == 2 and "has 2 names; the checkpoint has 1000 classes" in err
     code, _, err = run_cli(predict, ["--checkpoint", tmp_path, bad], capsys)
     assert code == 2 and "neither a checkpoint directory of this package" in err
+
+
+def test_predict_reads_gray_alpha_and_16_bit_images_and_refuses_truncated_and_huge_ones(tmp_path, monkeypatch):
+    from PIL import Image
+
+    rs = np.random.RandomState(0)
+    gray = rs.randint(0, 256, (40, 50), dtype=np.uint8)
+    Image.fromarray(gray, "L").save(tmp_path / "gray.png")
+    np.testing.assert_array_equal(np.asarray(predict.load_image(tmp_path / "gray.png")), np.stack([gray] * 3, -1))
+    rgba = rs.randint(0, 256, (40, 50, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    np.testing.assert_array_equal(np.asarray(predict.load_image(tmp_path / "alpha.png")), rgba[..., :3])
+    deep = (np.arange(40 * 50).reshape(40, 50) * 32).astype(np.uint16)  # 0 .. 63968 of 65535
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    loaded = np.asarray(predict.load_image(tmp_path / "deep.png"))
+    np.testing.assert_array_equal(loaded[..., 0], np.round(deep / 65535 * 255).astype(np.uint8))  # scaled, not clipped
+
+    Image.fromarray(rs.randint(0, 256, (300, 300, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
+    data = (tmp_path / "photo.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.jpg as an image: image file is truncated"):
+        predict.load_image(tmp_path / "cut.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 90,000 pixels is then a decompression bomb
+    with pytest.raises(ValueError, match="photo.jpg: too large to decode safely"):
+        predict.load_image(tmp_path / "photo.jpg")
