@@ -30,6 +30,7 @@ import torch
 
 import torch_reference as ref
 from swiftformer_jax import convert, create_model, layers
+from swiftformer_jax.model import ModelSpec
 
 VARIANTS = ("XS", "S", "L1", "L3")
 SIZES = ((224, 224), (193, 225))  # square, and odd non-square (asymmetric padding at every stride)
@@ -171,8 +172,8 @@ def test_features_only_applies_the_official_feature_norms():
         }
         official.update({f"norm{i}.{name}": t.numpy() for name, t in norms[i].items()})
     spec = convert.model_spec(official)
-    assert spec == convert.ModelSpec("XS", num_classes=0, distillation=False, features_only=True)
-    model = spec.create_model(attention_version=2)
+    assert spec == ModelSpec.named("XS", num_classes=0, distillation=False, features_only=True, attention_version=2)
+    model = spec.build()
     features = jax.jit(lambda v, x: model.apply(v, x, train=False))(convert.from_torch(official), images(SIZES[1]))
     x = ref.nchw(images(SIZES[1]))
     with torch.no_grad(), ref.attention_version(torch_model, 2):
