@@ -133,6 +133,8 @@ def _convert(weights: "_Canonical", variant: str | None,
             misshaped.append(f"{weights.display(key)}: got {array.shape}, expected {want}")
         elif not np.issubdtype(array.dtype, np.floating):
             misshaped.append(f"{weights.display(key)}: got dtype {array.dtype}, expected floating point")
+        elif not np.all(np.isfinite(array)):
+            misshaped.append(f"{weights.display(key)}: holds {np.sum(~np.isfinite(array))} NaN or infinite values")
     if missing or unexpected or misshaped:
         raise ValueError(_mismatch_message(
             spec, weights, [weights.display(k) for k in missing],
@@ -530,8 +532,9 @@ def read_torch_file(path: str | os.PathLike) -> Mapping:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
-        unsupported = re.search(r"Unsupported global: GLOBAL [\w.]+", str(error))
-        reason = unsupported.group(0) if unsupported else checkpoint_lib.first_line(error)
+        unsupported = re.search(r"GLOBAL ([\w.]+)", str(error))
+        reason = (f"it refers to {unsupported.group(1)}, which is not a tensor type (refused: loading it "
+                  "could run code)" if unsupported else checkpoint_lib.first_line(error))
         raise ValueError(
             f"cannot read {path} as a PyTorch checkpoint (not a torch.save file, truncated, or it "
             f"holds objects other than tensors): {type(error).__name__}: {reason}"

@@ -298,6 +298,8 @@ def convert(weights: Canonical) -> tuple[RegNetSpec, dict]:
             misshaped.append(f"{weights.display(key)} {tuple(array.shape)} (expected {want})")
         elif not np.issubdtype(array.dtype, np.floating):
             misshaped.append(f"{weights.display(key)} dtype {array.dtype} (expected floating point)")
+        elif not np.all(np.isfinite(array)):
+            misshaped.append(f"{weights.display(key)} holds {np.sum(~np.isfinite(array))} NaN or infinite values")
     if missing or unexpected or misshaped:
         raise ValueError(_mismatch_message(spec, weights, missing, unexpected, misshaped))
     flat = {flax_key: jnp.asarray(from_torch_layout(flax_key, weights.tensors[key]), dtype=struct.dtype)
