@@ -13,11 +13,9 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
@@ -255,54 +253,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digi
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(variables))
 
 
-SIGTERM_CHILD = textwrap.dedent(r"""
-    import sys, time
-    sys.path[:0] = [REPO, TESTS]
-    from test_train import loop_config
-    from swiftformer_jax import input_pipeline, train
-
-    original = input_pipeline.train_dataset
-    def slow(*args, **kwargs):  # 6 steps take seconds, so the signal lands mid-run
-        for batch in original(*args, **kwargs):
-            time.sleep(1.0)
-            yield batch
-    input_pipeline.train_dataset = slow
-    state = train.train_and_evaluate(loop_config(DATA), WORKDIR)
-    print("RETURNED AT STEP", int(state.step), flush=True)
-""")
-
-
-def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path, digits_data_dir):
-    workdir = str(tmp_path / "work")
-    code = f"REPO, TESTS, DATA, WORKDIR = {REPO!r}, {TESTS!r}, {digits_data_dir!r}, {workdir!r}\n" + SIGTERM_CHILD
-    log = open(tmp_path / "child.log", "w")
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 600
-        jsonl = os.path.join(workdir, metrics.METRICS_FILE)
-        while time.time() < deadline and child.poll() is None:
-            if os.path.exists(jsonl) and metrics.read_metrics(workdir):
-                break
-            time.sleep(0.2)
-        assert child.poll() is None, open(tmp_path / "child.log").read()[-3000:]
-        child.send_signal(signal.SIGTERM)
-        returncode = child.wait(timeout=300)
-    finally:
-        if child.poll() is None:
-            child.kill()
-        log.close()
-    output = open(tmp_path / "child.log").read()
-    assert returncode == 0, output[-3000:]
-    stopped = int(output.split("RETURNED AT STEP ")[1].split()[0])
-    assert 1 <= stopped < 6 and f"Stopped at step {stopped}" in output
-    config = loop_config(digits_data_dir)
-    manager = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=3)
-    try:
-        assert manager.latest_step() == stopped
-        restored = manager.restore(stopped, abstract_state(config, train.setup(config)))
-    finally:
-        manager.close()
-    assert int(restored.step) == stopped
 
 
 # ---------------------------------------------------------------------------------------------
