@@ -362,11 +362,28 @@ class _Canonical:
 
 
 def _canonical(checkpoint: Mapping, which: str) -> _Canonical:
+    def rename(name: str, naming: str) -> str | None:
+        local = name[len(_HF_PREFIX):] if naming == "hf" and name.startswith(_HF_PREFIX) else name
+        official = _TO_OFFICIAL[naming](local)
+        return official if official is not None and _round_trip(official, naming) == local else None
+
+    return _Canonical(*unwrap_state(checkpoint, which, _naming_of, rename))
+
+
+def unwrap_state(checkpoint: Mapping, which: str, naming_of: Callable[[Mapping], str],
+                 rename: Callable[[str, str], str | None]):
+    """(tensors, naming, source_names, rejected, entry) of a PyTorch checkpoint, for any architecture.
+
+    Takes the `which` entry of a training checkpoint, drops DDP's `module.` prefix and the
+    `num_batches_tracked` buffers, and brings every key to the architecture's canonical name with
+    `rename(key, naming)` (None: the key has none). Keys without a canonical name, a name taken
+    twice, and values that are not tensors are collected in `rejected`, so one error lists them all.
+    """
     state, entry = _select_entry(checkpoint, which)
     keys = list(state)
     if keys and all(isinstance(k, str) and k.startswith(_DDP_PREFIX) for k in keys):
         state = {k[len(_DDP_PREFIX):]: v for k, v in state.items()}
-    naming = _naming_of(state)
+    naming = naming_of(state)
     tensors, source_names, rejected = {}, {}, []
     for name, value in state.items():
         if not isinstance(name, str):
@@ -374,18 +391,17 @@ def _canonical(checkpoint: Mapping, which: str) -> _Canonical:
             continue
         if name.rsplit(".", 1)[-1] == _NUM_BATCHES_TRACKED:
             continue
-        local = name[len(_HF_PREFIX):] if naming == "hf" and name.startswith(_HF_PREFIX) else name
-        official = _TO_OFFICIAL[naming](local)
-        if official is None or _round_trip(official, naming) != local or official in tensors:
+        key = rename(name, naming)
+        if key is None or key in tensors:
             rejected.append(name)
             continue
         array = _as_numpy(value)
         if array is None:
             rejected.append(f"{name} (a {type(value).__name__}, not a tensor)")
             continue
-        tensors[official] = array
-        source_names[official] = name
-    return _Canonical(tensors, naming, source_names, tuple(rejected), entry)
+        tensors[key] = array
+        source_names[key] = name
+    return tensors, naming, source_names, tuple(rejected), entry
 
 
 def _round_trip(official: str, naming: str) -> str | None:

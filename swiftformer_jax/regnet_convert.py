@@ -197,29 +197,10 @@ class Canonical:
 
 def canonical(checkpoint: Mapping, which: str = "model") -> Canonical:
     """Unwrap ({'model': ...}, `module.`) and bring every key to its timm name."""
-    state, entry = convert_lib._select_entry(checkpoint, which)
-    keys = list(state)
-    if keys and all(isinstance(k, str) and k.startswith(convert_lib._DDP_PREFIX) for k in keys):
-        state = {k[len(convert_lib._DDP_PREFIX):]: v for k, v in state.items()}
-    naming = _naming_of(state)
-    tensors, source_names, rejected = {}, {}, []
-    for name, value in state.items():
-        if not isinstance(name, str):
-            rejected.append(repr(name))
-            continue
-        if name.rsplit(".", 1)[-1] == _NUM_BATCHES_TRACKED:
-            continue
-        key = name if naming == "timm" else _hf_name_to_timm(name)
-        if key is None or key in tensors:
-            rejected.append(name)
-            continue
-        array = convert_lib._as_numpy(value)
-        if array is None:
-            rejected.append(f"{name} (a {type(value).__name__}, not a tensor)")
-            continue
-        tensors[key] = array
-        source_names[key] = name
-    return Canonical(tensors, naming, source_names, tuple(rejected), entry)
+    def rename(name: str, naming: str) -> str | None:
+        return name if naming == "timm" else _hf_name_to_timm(name)
+
+    return Canonical(*convert_lib.unwrap_state(checkpoint, which, _naming_of, rename))
 
 
 def _hf_name_to_timm(name: str) -> str | None:
