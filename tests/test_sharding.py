@@ -15,6 +15,10 @@ from jax.sharding import PartitionSpec
 
 from swiftformer_jax import sharding, xla_flags
 
+# One worker runs this module under `pytest -n auto --dist loadgroup`, so its module-scoped
+# fixtures (compiled programs, trained runs) are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 

@@ -27,6 +27,10 @@ from conftest import REPO, free_port, run_processes, tiny_config
 from swiftformer_jax import checkpoint, convert, input_pipeline, metrics, optim, sharding, train, xla_flags
 from swiftformer_jax.model import ModelSpec
 
+# One worker runs this module under `pytest -n auto --dist loadgroup`, so its module-scoped
+# fixtures (compiled programs, trained runs) are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("train")
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # The loop tests turn on every random path of the step: mixup/cutmix (groups of 8), ghost batch
 # norm (groups of 8), drop path, repeated augmentation.
