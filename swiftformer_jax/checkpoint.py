@@ -234,13 +234,8 @@ class Checkpointer:
                 if self._failed is None:
                     raise
 
-    def complete_steps(self) -> list[int]:
-        """The steps whose saves finished, read from the directory itself."""
-        root = Path(self.directory)
-        return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and _is_step_dir(p)) if root.is_dir() else []
-
     def _write_failure(self, step: int | None, error: BaseException) -> "CheckpointWriteError":
-        complete = self.complete_steps()
+        complete = complete_steps(self.directory)
         last = f"step {complete[-1]}" if complete else "none"
         saving = f" (saving step {step})" if step is not None else ""
         self._failed = CheckpointWriteError(
@@ -351,6 +346,12 @@ def _is_step_dir(path: Path) -> bool:
     return (path / STATE_ITEM).is_dir() and (path / MODEL_ITEM).is_dir()
 
 
+def complete_steps(root: str | os.PathLike) -> list[int]:
+    """The steps of a checkpoint directory whose saves finished, read from the directory itself."""
+    root = Path(root)
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and _is_step_dir(p)) if root.is_dir() else []
+
+
 def find_step_dir(path: str | os.PathLike) -> Path | None:
     """The step directory `path` means: itself, or the latest step of the checkpoint directory it
     is or holds (a workdir holds one as `checkpoints/`). None when there is none."""
@@ -358,7 +359,7 @@ def find_step_dir(path: str | os.PathLike) -> Path | None:
     if _is_step_dir(path):
         return path
     for root in (path / CHECKPOINT_DIR, path):
-        steps = sorted(int(p.name) for p in root.glob("*") if p.name.isdigit() and _is_step_dir(p)) if root.is_dir() else []
+        steps = complete_steps(root)
         if steps:
             return root / str(steps[-1])
     return None
