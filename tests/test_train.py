@@ -23,13 +23,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, free_port, run_processes, tiny_config
+from conftest import REPO, device_flags, free_port, run_processes, tiny_config
 from swiftformer_jax import checkpoint, convert, input_pipeline, metrics, optim, sharding, train, xla_flags
 from swiftformer_jax.model import ModelSpec
 
-# One worker runs this module under `pytest -n auto --dist loadgroup`, so its module-scoped
-# fixtures (compiled programs, trained runs) are built once, not once per worker.
-pytestmark = pytest.mark.xdist_group("train")
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # The loop tests turn on every random path of the step: mixup/cutmix (groups of 8), ghost batch
@@ -255,8 +252,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digi
     finally:
         manager.close()
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(variables))
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,7 +487,7 @@ def test_two_processes_train_evaluate_checkpoint_and_restore_in_one_process(tmp_
         f"--workdir={workdir}", f"--config.data_dir={digits_data_dir}", *overrides,
         f"--coordinator_address=localhost:{free_port()}", "--num_processes=2",
     ]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    env = {**os.environ, "XLA_FLAGS": device_flags(4),
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
     codes, outputs = run_processes([args + [f"--process_id={i}"] for i in range(2)], env, tmp_path, timeout=900)
     assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
@@ -510,7 +505,7 @@ def test_two_processes_train_evaluate_checkpoint_and_restore_in_one_process(tmp_
     # 8), evaluates exactly as the two processes evaluated it at step 8.
     code = (f"REPO, TESTS, DATA_DIR, WORKDIR = {REPO!r}, {TESTS!r}, {digits_data_dir!r}, {str(workdir)!r}\n"
             f"OVERRIDES = {TWO_PROCESS_CONFIG!r}\n" + RESTORE_IN_ONE_PROCESS)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "XLA_FLAGS": device_flags(4)}
     xla_flags.apply(env)  # and the project's XLA:CPU settings, as main.py runs
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -570,32 +565,36 @@ def test_a_run_whose_every_checkpoint_is_damaged_stops_before_training(uninterru
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A directory on a tmpfs of `size` bytes, mounted for the test and unmounted after it."""
-    mounted = []
-
-    def mount(size: int):
-        path = tmp_path / "disk"
-        path.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-        mounted.append(path)
-        return path
-
-    yield mount
-    for path in mounted:
+    """A directory on a 64 MiB tmpfs mounted for the test (None where mounting needs root)."""
+    path = tmp_path / "disk"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)],
+                             capture_output=True, text=True).returncode == 0
+    yield path if mounted else None
+    if mounted:
         subprocess.run(["umount", str(path)], check=True)
 
 
-def test_a_full_disk_stops_the_run_with_the_last_good_checkpoint_intact(uninterrupted, small_disk, digits_data_dir):
-    """The disk holds the first checkpoint (step 3) and the run's other files, not the second."""
-    step_bytes = sum(p.stat().st_size for p in (pathlib.Path(uninterrupted[0]) / "checkpoints" / "3").rglob("*")
-                     if p.is_file())
-    disk = small_disk(int(step_bytes * 1.6) + (256 << 10))
-    workdir = disk / "work"
-    with pytest.raises(checkpoint.CheckpointWriteError, match=r"saving step 6.*last complete checkpoint is step 3"):
-        train.train_and_evaluate(loop_config(digits_data_dir), str(workdir))
+def test_a_full_disk_stops_the_run_with_the_last_good_checkpoint_intact(
+        uninterrupted, small_disk, digits_data_dir, tmp_path):
+    """Step 3 is saved; then the disk is filled to within half a checkpoint (or, where no tmpfs can be
+    mounted, the checkpoint directory made read-only), so the step-6 save fails."""
+    if small_disk is None and os.geteuid() == 0:
+        pytest.skip("no tmpfs could be mounted and root ignores a read-only directory")
+    workdir = (small_disk or tmp_path) / "work"
+    train.train_and_evaluate(loop_config(digits_data_dir), str(workdir), stop_at_step=3)
+    assert checkpoint.complete_steps(workdir / "checkpoints") == [3]
+    if small_disk is not None:
+        step_bytes = sum(p.stat().st_size for p in (workdir / "checkpoints" / "3").rglob("*") if p.is_file())
+        fs = os.statvfs(small_disk)
+        (small_disk / "filler").write_bytes(b"\0" * (fs.f_bavail * fs.f_frsize - step_bytes // 2))
+    else:
+        (workdir / "checkpoints").chmod(0o555)
+    try:
+        with pytest.raises(checkpoint.CheckpointWriteError, match=r"saving step 6.*last complete checkpoint is step 3"):
+            train.train_and_evaluate(loop_config(digits_data_dir), str(workdir))
+    finally:
+        (workdir / "checkpoints").chmod(0o755)
     spec, variables = checkpoint.load_variables(workdir)  # step 3, whole; the failed save is not a step
     assert checkpoint.find_step_dir(workdir).name == "3" and spec == train.model_spec(loop_config(digits_data_dir), 10)
     _, reference = checkpoint.load_variables(pathlib.Path(uninterrupted[0]) / "checkpoints" / "3")
