@@ -96,12 +96,12 @@ def main(argv):
     if jax.process_index() != 0:  # one progress log per job: process 0's; others report only trouble
         logs.log.info("Process %d logs warnings and errors only from here on.", jax.process_index())
         logs.setup(verbose=FLAGS.verbose, quiet=True)
-    from swiftformer_jax import checkpoint
+    from swiftformer_jax import checkpoint, input_pipeline
 
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (train.ConfigError, train.NonFiniteLossError, checkpoint.CheckpointWriteError,
-            FileNotFoundError) as error:
+            input_pipeline.UnreadableImageError, FileNotFoundError) as error:
         # Problems with a message for the user: one line each, no traceback.
         logs.log.error("%s", error)
         sys.exit(1)

@@ -219,6 +219,14 @@ def bad_inputs(scratch: pathlib.Path, checkpoint_dir: pathlib.Path, data_dir: st
     png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
     (inputs / "huge.png").write_bytes(bytes(png))
 
+    folder = scratch / "folder"  # an image-folder data set, 64 train and 16 val PNGs, one train image corrupt
+    for split, count in (("train", 32), ("val", 8)):
+        for label in ("a", "b"):
+            (folder / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rs.randint(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / split / label / f"{i}.png")
+    (folder / "train" / "b" / "7.png").write_bytes(os.urandom(1000))
+
     main_py = [sys.executable, str(REPO / "main.py"), "--config=" + str(REPO / "configs" / "quickstart.py"),
                f"--config.data_dir={data_dir}"]
     convert_import = [sys.executable, "-m", "swiftformer_jax.convert", "import", "--checkpoint"]
@@ -236,6 +244,9 @@ def bad_inputs(scratch: pathlib.Path, checkpoint_dir: pathlib.Path, data_dir: st
         ("config: wrong type", main_py + [f"--workdir={out / 'w'}", "--config.batch_size=abc"], "invalid literal", True),
         ("config: negative size", main_py + [f"--workdir={out / 'w'}", "--config.batch_size=-8"], "config.batch_size must be >= 1", True),
         ("config: indivisible size", main_py + [f"--workdir={out / 'w'}", "--config.batch_size=100", "--config.bn_group_size=64"], "ghost batch-norm groups", True),
+        ("folder data set: corrupt image", main_py + [f"--workdir={scratch / 'folder-run'}", f"--config.dataset=folder:{folder}",
+                                                       "--config.batch_size=16", "--config.eval_batch_size=16"],
+         "cannot decode image " + str(folder / "train" / "b" / "7.png"), True),
         ("predict: corrupt image", predict + [str(inputs / "corrupt.jpg")], "cannot read", True),
         ("predict: truncated image", predict + [str(inputs / "cut.jpg")], "truncated", True),
         ("predict: huge image", predict + [str(inputs / "huge.png")], "too large to decode safely", True),

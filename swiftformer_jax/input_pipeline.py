@@ -81,7 +81,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from swiftformer_jax import augment as augment_lib
-from swiftformer_jax import digits
+from swiftformer_jax import digits, logs
 
 AUTOTUNE = tf.data.AUTOTUNE
 FOLDER_PREFIX = "folder:"
@@ -98,6 +98,10 @@ TFDS cannot download ImageNet; prepare it once:
      (about 150 GB of disk and a few hours; the tars can be deleted afterwards).
 Or train from an image folder: dataset='folder:/path/to/root' with root/train/<class>/*.JPEG and
 root/val/<class>/*.JPEG."""
+
+
+class UnreadableImageError(ValueError):
+    """An image file of a folder data set that does not decode; the message names the file."""
 
 
 class DatasetInfo(NamedTuple):
@@ -210,6 +214,9 @@ class _Source:
     # (part, ranges) -> tf.data.Dataset of {"image": encoded bytes, "label": int32}, the examples of
     # the ranges in the order given. part is "train" or "eval".
     read: Callable[[str, Sequence[tuple[int, int]]], tf.data.Dataset]
+    # part -> the image file of each example, for sources that are files (a folder); None for TFDS,
+    # whose records were checked when the data set was prepared.
+    paths: dict[str, np.ndarray] | None = None
 
 
 def _read(source: _Source, part: str, ranges: Sequence[tuple[int, int]]) -> tf.data.Dataset:
@@ -305,7 +312,7 @@ def _folder_source(root: str) -> _Source:
             num_parallel_calls=AUTOTUNE,
         )
 
-    return _Source(info=info, read=read)
+    return _Source(info=info, read=read, paths={part: paths for part, (paths, _) in parts.items()})
 
 
 def _open(dataset: str, data_dir: str | None) -> _Source:
@@ -340,6 +347,39 @@ def dataset_info(dataset: str, data_dir: str | None) -> DatasetInfo:
 # ---------------------------------------------------------------------------------------------
 
 
+def _unreadable_image(source: _Source, part: str, ranges: Sequence[tuple[int, int]]) -> str | None:
+    """'path: reason' of the first image of `ranges` (in order) that does not decode, or None.
+
+    tf.data's decode error does not say which file failed; a failing batch lies at or after the
+    position the stream reached, so the files from there on are decoded one by one until one fails.
+    """
+    if source.paths is None:
+        return None
+    logs.log.warning("An image of the %s data does not decode; looking for it.", part)
+    for a, b in ranges:
+        for path in source.paths[part][a:b]:
+            try:
+                augment_lib.decode_image(tf.io.read_file(path))
+            except tf.errors.OpError as error:
+                return f"{path}: {error.message}".splitlines()[0]
+    return None
+
+
+def _naming_unreadable_images(batches: Iterator, source: _Source, part: str, ranges_from: Callable[[int], list]):
+    """`batches`, with a decode failure raised as a ValueError naming the file (`_unreadable_image`).
+    `ranges_from(k)` gives the example ranges that batches k, k+1, ... are made from."""
+    done = 0
+    try:
+        for batch in batches:
+            yield batch
+            done += 1
+    except tf.errors.InvalidArgumentError as error:
+        found = _unreadable_image(source, part, ranges_from(done))
+        if found is None:
+            raise
+        raise UnreadableImageError(f"cannot decode image {found}. Remove or replace the file, then rerun.") from error
+
+
 def _options() -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True  # parallel maps keep their order: same seed, same batches
@@ -369,6 +409,14 @@ def _permute_window(window_key: tf.Tensor, window: dict) -> dict:
     return tf.nest.map_structure(lambda t: tf.gather(t, order), window)
 
 
+def _epoch_windows(*, shard, epoch, first_step, steps, batch_size, repeats, window, seed, process_index):
+    """The example ranges steps [first_step, steps) of an epoch draw from: the epoch's distinct
+    examples, windows in random order, from the window that holds step `first_step`'s first example."""
+    unique = -(-steps * batch_size // repeats)  # distinct examples the epoch uses
+    first_window = first_step * batch_size // repeats // window
+    return slice_ranges(epoch_ranges(shard, window, seed, process_index, epoch), first_window * window, unique)
+
+
 def _train_epoch(
     source: _Source,
     *,
@@ -386,13 +434,11 @@ def _train_epoch(
 ) -> tf.data.Dataset:
     """Steps [first_step, steps) of one epoch for one process, as a tf.data pipeline."""
     elements = steps * batch_size  # stream elements (augmented images) per epoch
-    unique = -(-elements // repeats)  # distinct examples the epoch uses
     start = first_step * batch_size
     first_example, first_copy = divmod(start, repeats)
     first_window = first_example // window
-
-    # Distinct examples in this epoch's order, windows shuffled, starting at the first needed window.
-    ranges = slice_ranges(epoch_ranges(shard, window, seed, process_index, epoch), first_window * window, unique)
+    ranges = _epoch_windows(shard=shard, epoch=epoch, first_step=first_step, steps=steps, batch_size=batch_size,
+                            repeats=repeats, window=window, seed=seed, process_index=process_index)
     window_seed = hash_words(seed, process_index, epoch, 1)
     ds = _read(source, "train", ranges)
     ds = ds.batch(window).enumerate(start=first_window)
@@ -456,7 +502,12 @@ def train_dataset(
     )
 
     def epoch_iterator(epoch: int, first_step: int):
-        return epoch_pipeline(epoch=epoch, first_step=first_step).as_numpy_iterator()
+        windows = functools.partial(
+            _epoch_windows, shard=shard, epoch=epoch, steps=steps, batch_size=local_batch_size,
+            repeats=repeated_aug, window=shuffle_window, seed=seed, process_index=process_index,
+        )
+        return _naming_unreadable_images(epoch_pipeline(epoch=epoch, first_step=first_step).as_numpy_iterator(),
+                                         source, "train", lambda done: windows(first_step=first_step + done))
 
     # Creating an epoch's iterator takes a second or more (TF instantiates the augmentation graph),
     # so it happens in the background: the first while the caller compiles its step, each next one
@@ -513,4 +564,5 @@ def eval_dataset(
         {"image": tf.zeros([image_size, image_size, 3]), "label": tf.constant(0, tf.int32), "mask": tf.constant(False)}
     ).repeat(padding)
     ds = real.concatenate(pad).batch(local_batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-    return ds.with_options(_options()).as_numpy_iterator()
+    return _naming_unreadable_images(ds.with_options(_options()).as_numpy_iterator(), source, "eval",
+                                     lambda done: [(min(start + done * local_batch_size, stop), stop)])

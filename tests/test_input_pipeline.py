@@ -406,6 +406,24 @@ def test_folder_errors(tmp_path):
         input_pipeline.dataset_info("folder:" + str(tmp_path), None)
 
 
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_an_image_that_does_not_decode_is_named(tmp_path, damage):
+    # 20 good PNGs and JPEGs in train/ and val/, then one of each damaged: random bytes, or a JPEG cut short.
+    for split in ("train", "val"):
+        os.makedirs(tmp_path / split / "a")
+        for i in range(20):
+            _write_image(str(tmp_path / split / "a" / f"{i}.{'jpg' if i % 2 else 'png'}"), 10 * i)
+        bad = tmp_path / split / "a" / "13.jpg"
+        data = bad.read_bytes()
+        bad.write_bytes(np.random.default_rng(0).bytes(500) if damage == "garbage" else data[: len(data) // 2])
+    dataset = "folder:" + str(tmp_path)
+    with pytest.raises(input_pipeline.UnreadableImageError, match=r"cannot decode image .*train/a/13\.jpg: "):
+        take(train(dataset, None, local_batch_size=4, repeated_aug=1, shuffle_window=8), 5)
+    with pytest.raises(input_pipeline.UnreadableImageError, match=r"cannot decode image .*val/a/13\.jpg: "):
+        list(input_pipeline.eval_dataset(dataset, None, local_batch_size=4, image_size=IMAGE_SIZE,
+                                         process_index=0, process_count=1))
+
+
 def test_bad_arguments_fail_early(digits_dir):
     with pytest.raises(ValueError, match="process_index"):
         train("digits", digits_dir, process_index=3, process_count=3)
