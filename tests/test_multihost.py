@@ -9,7 +9,7 @@ import textwrap
 import jax
 import pytest
 
-from conftest import REPO, free_port, run_processes
+from conftest import REPO, device_flags, free_port, run_processes
 from swiftformer_jax import multihost
 
 LATE_PROCESS = textwrap.dedent(r"""
@@ -43,7 +43,7 @@ def test_one_process_gets_the_jitted_function_back():
 @pytest.mark.slow
 def test_a_process_compiling_35_s_late_still_connects(tmp_path):
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    env = {**os.environ, "XLA_FLAGS": device_flags(2),
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
     commands = []
     for process in range(2):

@@ -39,9 +39,6 @@ from swiftformer_jax import checkpoint, convert, losses, mixup, regnet_convert, 
 from swiftformer_jax.model import ModelSpec
 from swiftformer_jax.regnet import DEIT_TEACHER_URL, RegNetSpec, RegNetY
 
-# One worker runs this module under `pytest -n auto --dist loadgroup`, so its module-scoped
-# fixtures (compiled programs, trained runs) are built once, not once per worker.
-pytestmark = pytest.mark.xdist_group("regnet")
 
 RTOL = 1e-5
 NBT = "num_batches_tracked"

@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from conftest import device_flags
 from swiftformer_jax import sharding, xla_flags
 
-# One worker runs this module under `pytest -n auto --dist loadgroup`, so its module-scoped
-# fixtures (compiled programs, trained runs) are built once, not once per worker.
-pytestmark = pytest.mark.xdist_group("sharding")
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -199,7 +197,7 @@ FOUR_DEVICES = COMMON + textwrap.dedent(r"""
 def _run_devices(program: str, devices: int, out) -> dict:
     code = (f"REPO, TESTS, OUT = {REPO!r}, {TESTS!r}, {str(out)!r}\n"
             f"MESHES, STEPS, SAVED_STEP, MORE_STEPS = {MESHES!r}, {STEPS}, {SAVED_STEP}, {MORE_STEPS}\n" + program)
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "XLA_FLAGS": device_flags(devices)}
     xla_flags.apply(env)  # and the project's XLA:CPU settings, as main.py runs
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
