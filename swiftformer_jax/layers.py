@@ -7,6 +7,9 @@ Submodule and parameter names mirror the official PyTorch tree (`dwconv`, `pwcon
 Layouts: activations are NHWC. 3x3 convs keep HWIO kernels; 1x1 convs are `Dense` on the channel
 axis (kernel [in, out], nn.Dense's parameters), which is the same function and a plain matmul for XLA.
 
+Implementations: the modules with convolutions, GELU or batch norm take `impl` ("cpu" or "xla",
+see `ops.py`), passed down from `SwiftFormer`; the parameters are the same for both.
+
 Mixed precision: every module takes `dtype` (compute) and keeps float32 parameters; batch-norm
 statistics are always computed and stored in float32.
 """
@@ -63,12 +66,14 @@ class Conv3x3Stride2(nn.Module):
 
     features: int
     dtype: Dtype = jnp.float32
+    impl: str = "cpu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", TRUNC_NORMAL_002, (3, 3, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        return ops.conv3x3_stride2(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+        return ops.conv3x3_stride2(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype),
+                                   self.impl)
 
 
 def batch_groups(batch: int, group_size: int | None) -> int:
@@ -104,6 +109,7 @@ class BatchNorm(nn.Module):
     epsilon: float = PYTORCH_BN_EPS
     unbiased_running_var: bool = True
     dtype: Dtype = jnp.float32
+    impl: str = "cpu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -119,7 +125,7 @@ class BatchNorm(nn.Module):
 
         groups = batch_groups(x.shape[0], self.group_size)
         grouped = x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
-        y, mean, var = ops.batch_norm_train(grouped, scale, bias, self.epsilon, self.dtype)  # biased var
+        y, mean, var = ops.batch_norm_train(grouped, scale, bias, self.epsilon, self.dtype, self.impl)  # biased var
         y = y.reshape(x.shape)
 
         if not self.is_initializing():
@@ -138,13 +144,15 @@ class DepthwiseConv3x3(nn.Module):
     """3x3 depthwise conv (PyTorch `Conv2d(C, C, 3, padding=1, groups=C)`); kernel [3, 3, 1, C]."""
 
     dtype: Dtype = jnp.float32
+    impl: str = "cpu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         channels = x.shape[-1]
         kernel = self.param("kernel", TRUNC_NORMAL_002, (3, 3, 1, channels), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-        return ops.depthwise_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+        return ops.depthwise_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype),
+                                     self.impl)
 
 
 def _layer_scale(module: nn.Module, name: str, channels: int, init_value: float) -> jax.Array:
@@ -158,13 +166,14 @@ class Stem(nn.Module):
     width: int
     bn_group_size: int | None = None
     dtype: Dtype = jnp.float32
+    impl: str = "cpu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        bn = dict(group_size=self.bn_group_size, dtype=self.dtype)
-        x = Conv3x3Stride2(self.width // 2, self.dtype, name="conv1")(x)
+        bn = dict(group_size=self.bn_group_size, dtype=self.dtype, impl=self.impl)
+        x = Conv3x3Stride2(self.width // 2, self.dtype, self.impl, name="conv1")(x)
         x = nn.relu(BatchNorm(**bn, name="norm1")(x, train))
-        x = Conv3x3Stride2(self.width, self.dtype, name="conv2")(x)
+        x = Conv3x3Stride2(self.width, self.dtype, self.impl, name="conv2")(x)
         return nn.relu(BatchNorm(**bn, name="norm2")(x, train))
 
 
@@ -174,11 +183,12 @@ class Embedding(nn.Module):
     width: int
     bn_group_size: int | None = None
     dtype: Dtype = jnp.float32
+    impl: str = "cpu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = Conv3x3Stride2(self.width, self.dtype, name="proj")(x)
-        return BatchNorm(self.bn_group_size, dtype=self.dtype, name="norm")(x, train)
+        x = Conv3x3Stride2(self.width, self.dtype, self.impl, name="proj")(x)
+        return BatchNorm(self.bn_group_size, dtype=self.dtype, impl=self.impl, name="norm")(x, train)
 
 
 class ConvEncoder(nn.Module):
@@ -193,14 +203,15 @@ class ConvEncoder(nn.Module):
     drop_path_rate: float = 0.0
     bn_group_size: int | None = None
     dtype: Dtype = jnp.float32
+    impl: str = "cpu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         channels = x.shape[-1]
-        y = DepthwiseConv3x3(self.dtype, name="dwconv")(x)
-        y = BatchNorm(self.bn_group_size, dtype=self.dtype, name="norm")(y, train)
+        y = DepthwiseConv3x3(self.dtype, self.impl, name="dwconv")(x)
+        y = BatchNorm(self.bn_group_size, dtype=self.dtype, impl=self.impl, name="norm")(y, train)
         y = dense_layer(self.hidden_dim, self.dtype, "pwconv1")(y)
-        y = ops.gelu(y)  # PyTorch nn.GELU() is the exact, erf form
+        y = ops.gelu(y, self.impl)  # PyTorch nn.GELU() is the exact, erf form
         y = dense_layer(channels, self.dtype, "pwconv2")(y)
         y = y * _layer_scale(self, "layer_scale", channels, 1.0).astype(y.dtype)
         rng = self.make_rng("drop_path") if train and self.drop_path_rate > 0 else None
@@ -238,12 +249,13 @@ class Mlp(nn.Module):
     drop_rate: float = 0.0
     bn_group_size: int | None = None
     dtype: Dtype = jnp.float32
+    impl: str = "cpu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         channels = x.shape[-1]
-        x = BatchNorm(self.bn_group_size, dtype=self.dtype, name="norm1")(x, train)
-        x = ops.gelu(dense_layer(self.hidden_dim, self.dtype, "fc1")(x))
+        x = BatchNorm(self.bn_group_size, dtype=self.dtype, impl=self.impl, name="norm1")(x, train)
+        x = ops.gelu(dense_layer(self.hidden_dim, self.dtype, "fc1")(x), self.impl)
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
         x = dense_layer(channels, self.dtype, "fc2")(x)
         return nn.Dropout(self.drop_rate)(x, deterministic=not train)
@@ -263,12 +275,14 @@ class SwiftFormerEncoder(nn.Module):
     layer_scale_init: float = 1e-5
     bn_group_size: int | None = None
     dtype: Dtype = jnp.float32
+    impl: str = "cpu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         batch, height, width, channels = x.shape
         x = LocalRepresentation(
-            channels, bn_group_size=self.bn_group_size, dtype=self.dtype, name="local_representation"
+            channels, bn_group_size=self.bn_group_size, dtype=self.dtype, impl=self.impl,
+            name="local_representation",
         )(x, train)
 
         attn = EfficientAdditiveAttention(self.attention_version, self.dtype, name="attn")
@@ -276,7 +290,7 @@ class SwiftFormerEncoder(nn.Module):
         y = y * _layer_scale(self, "layer_scale_1", channels, self.layer_scale_init).astype(y.dtype)
         x = x + self._drop_path(y, train)
 
-        y = Mlp(self.mlp_ratio * channels, self.drop_rate, self.bn_group_size, self.dtype,
+        y = Mlp(self.mlp_ratio * channels, self.drop_rate, self.bn_group_size, self.dtype, self.impl,
                 name="linear")(x, train)
         y = y * _layer_scale(self, "layer_scale_2", channels, self.layer_scale_init).astype(y.dtype)
         return x + self._drop_path(y, train)
@@ -301,6 +315,7 @@ class Stage(nn.Module):
     layer_scale_init: float
     bn_group_size: int | None
     dtype: Dtype
+    impl: str = "cpu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -308,11 +323,11 @@ class Stage(nn.Module):
         for j in range(self.depth - 1):
             x = ConvEncoder(
                 self.mlp_ratio * width, drop_path_rate=0.0, bn_group_size=self.bn_group_size,
-                dtype=self.dtype, name=f"block_{j}",
+                dtype=self.dtype, impl=self.impl, name=f"block_{j}",
             )(x, train)
         return SwiftFormerEncoder(
             mlp_ratio=self.mlp_ratio, attention_version=self.attention_version,
             drop_path_rate=self.rates[-1], drop_rate=self.drop_rate,
             layer_scale_init=self.layer_scale_init, bn_group_size=self.bn_group_size,
-            dtype=self.dtype, name=f"block_{self.depth - 1}",
+            dtype=self.dtype, impl=self.impl, name=f"block_{self.depth - 1}",
         )(x, train)

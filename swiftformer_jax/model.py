@@ -111,9 +111,10 @@ class ModelSpec:
         return f"{name} ({head}, attention v{self.attention_version}, {self.image_size} px)"
 
     def build(self, *, drop_path_rate: float = 0.0, drop_rate: float = 0.0,
-              bn_group_size: int | None = None, dtype=jnp.float32) -> "SwiftFormer":
+              bn_group_size: int | None = None, dtype=jnp.float32, impl: str = "cpu") -> "SwiftFormer":
         """The linen module. `bn_group_size` None normalises over the whole (global) batch; an int
-        gives ghost batch norm over groups of that many images. `dtype` is the compute dtype."""
+        gives ghost batch norm over groups of that many images. `dtype` is the compute dtype;
+        `impl` the ops' form ("cpu" or "xla", `ops.py`), which changes neither weights nor function."""
         if not 0.0 <= drop_path_rate < 1.0 or not 0.0 <= drop_rate < 1.0:
             raise ValueError(
                 f"drop rates must be in [0, 1); got drop_path_rate={drop_path_rate}, drop_rate={drop_rate}"
@@ -124,7 +125,7 @@ class ModelSpec:
             depths=self.depths, widths=self.widths, num_classes=self.num_classes,
             distillation=self.distillation, features_only=self.features_only,
             attention_version=self.attention_version, drop_path_rate=drop_path_rate,
-            drop_rate=drop_rate, bn_group_size=bn_group_size, dtype=dtype,
+            drop_rate=drop_rate, bn_group_size=bn_group_size, dtype=dtype, impl=ops.check_impl(impl),
         )
 
     def abstract_variables(self) -> dict:
@@ -207,11 +208,13 @@ class SwiftFormer(nn.Module):
     layer_scale_init: float = 1e-5
     bn_group_size: int | None = None
     dtype: jnp.dtype = jnp.float32
+    impl: str = "cpu"  # "cpu" or "xla": the form of the convolutions, GELU and batch norm (ops.py)
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False):
         self._check_images(images)
-        bn = dict(bn_group_size=self.bn_group_size, dtype=self.dtype)
+        ops.check_impl(self.impl)
+        bn = dict(bn_group_size=self.bn_group_size, dtype=self.dtype, impl=self.impl)
         x = layers.Stem(self.widths[0], **bn, name="patch_embed")(images.astype(self.dtype), train)
 
         features = []
@@ -221,12 +224,12 @@ class SwiftFormer(nn.Module):
                 x = layers.Embedding(width, **bn, name=f"network_{2 * stage - 1}")(x, train)
             x = self._stage(x, depth, rates[stage], train, name=f"network_{2 * stage}")
             if self.features_only:
-                norm = layers.BatchNorm(self.bn_group_size, dtype=jnp.float32, name=f"norm{2 * stage}")
+                norm = layers.BatchNorm(self.bn_group_size, dtype=jnp.float32, impl=self.impl, name=f"norm{2 * stage}")
                 features.append(norm(x, train))
         if self.features_only:
             return features
 
-        x = layers.BatchNorm(self.bn_group_size, dtype=jnp.float32, name="norm")(x, train)
+        x = layers.BatchNorm(self.bn_group_size, dtype=jnp.float32, impl=self.impl, name="norm")(x, train)
         pooled = jnp.mean(x, axis=(1, 2))
         if self.num_classes == 0:
             return pooled
@@ -242,7 +245,7 @@ class SwiftFormer(nn.Module):
             depth=depth, rates=tuple(rates), mlp_ratio=self.mlp_ratio,
             attention_version=self.attention_version, drop_rate=self.drop_rate,
             layer_scale_init=self.layer_scale_init, bn_group_size=self.bn_group_size,
-            dtype=self.dtype, name=name,
+            dtype=self.dtype, impl=self.impl, name=name,
         )
         return stage(x, train)
 
@@ -274,15 +277,17 @@ def create_model(
     drop_rate: float = 0.0,
     bn_group_size: int | None = None,
     dtype=jnp.float32,
+    impl: str = "cpu",
 ) -> SwiftFormer:
     """Build SwiftFormer-XS, -S, -L1 or -L3 (any case): `ModelSpec.named(...).build(...)`.
 
     `attention_version` 2 is the official code since July 2023 (and timm); 1 the first release and
     Hugging Face (see `ops.additive_token_weights`). `bn_group_size` None normalises over the whole
     (global) batch; an int gives ghost batch norm over groups of that many images. `dtype` is the
-    compute dtype (e.g. jnp.bfloat16); parameters stay float32.
+    compute dtype (e.g. jnp.bfloat16); parameters stay float32. `impl` picks the ops' form: "cpu"
+    (tuned on XLA:CPU) or "xla" (XLA's own convolutions and GELU); same parameters, same function.
     """
     spec = ModelSpec.named(variant, num_classes=num_classes, distillation=distillation,
                            features_only=features_only, attention_version=attention_version)
     return spec.build(drop_path_rate=drop_path_rate, drop_rate=drop_rate,
-                      bn_group_size=bn_group_size, dtype=dtype)
+                      bn_group_size=bn_group_size, dtype=dtype, impl=impl)

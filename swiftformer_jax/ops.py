@@ -3,6 +3,11 @@
 Everything here is a plain jnp function of arrays: no module state, safe under `jax.jit`,
 `jax.grad` and `jax.vmap`. The Flax modules in `layers.py` hold the parameters and call these.
 
+Implementations: the convolutions, GELU and batch norm take `impl`. "cpu" (the default) is the
+form tuned on XLA:CPU (shifted slices, im2col, hand-written gradients, a fusion barrier); "xla" is
+XLA's own operations (grouped and strided convolutions, `jax.nn.gelu`, autodiff), the form other
+compilers and exporters (ONNX, LiteRT) know. Both compute the same function (tests/test_ops.py).
+
 Attention functions share one calling convention, `fn(params, x, ...) -> y` with tokens
 `x` of shape [B, N, D], so that `experiments/` can time them side by side. `params` is a nested
 dict of arrays laid out like Flax `nn.Dense` parameters ({"kernel": [in, out], "bias": [out]});
@@ -18,6 +23,15 @@ import jax
 import jax.numpy as jnp
 
 Params = Mapping[str, object]
+
+IMPLEMENTATIONS = ("cpu", "xla")
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    return impl
+
 
 # PyTorch's F.normalize default: the norm is clamped from below, eps outside the square root.
 L2_EPS = 1e-12
@@ -40,7 +54,7 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = L2_EPS) -> jax.Array
 
 
 def batch_norm_train(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype=None
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype=None, impl: str = "cpu"
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Batch normalisation of `x` [G, N, ..., C] with its own statistics, per group and channel.
 
@@ -50,7 +64,7 @@ def batch_norm_train(
     averages; they carry no gradient. The gradient is written by hand (`jax.custom_vjp`): the two sums it
     needs (of dy and of dy * x_hat) and the input gradient take two passes over the activations,
     where autodiff of the forward takes five or more; 1.8-2.4x faster on XLA:CPU. Reverse mode
-    only.
+    only. impl="xla": the same forward, differentiated by autodiff, no fusion barrier.
     """
     if x.ndim < 3 or scale.shape != x.shape[-1:] or bias.shape != x.shape[-1:]:
         raise ValueError(
@@ -58,6 +72,9 @@ def batch_norm_train(
             f"{scale.shape} and {bias.shape}"
         )
     out_dtype = jnp.dtype(x.dtype if dtype is None else dtype)
+    if check_impl(impl) == "xla":
+        (y, mean, var), _ = _batch_norm_forward(x, scale, bias, epsilon, out_dtype)
+        return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
     # x is read by both statistics, the output and the backward; computed once, not per reader
     # (see `materialize`), and likewise its gradient.
     y, mean, var = _batch_norm_train(materialize(x), scale, bias, epsilon, out_dtype)
@@ -152,7 +169,7 @@ def matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return flat.reshape(x.shape[:-1] + kernel.shape[-1:])
 
 
-def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, impl: str = "cpu") -> jax.Array:
     """3x3 depthwise convolution, stride 1, padding 1, on NHWC `x`.
 
     `kernel` is [3, 3, 1, C] (the HWIO layout `lax.conv_general_dilated` takes with
@@ -164,13 +181,17 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.A
     shifted slices of x are kept for the kernel's gradient as nine full-size copies, the largest
     memory traffic of the SwiftFormer-S train step; here only x is kept and the backward reads
     shifted views of it. Reverse mode and vmap work; forward-mode (`jax.jvp`) does not pass
-    through a custom VJP.
+    through a custom VJP. impl="xla": the grouped convolution itself.
     """
     if x.ndim != 4 or kernel.shape != (3, 3, 1, x.shape[-1]):
         raise ValueError(
             f"depthwise_conv3x3 expects x [B, H, W, C] and kernel [3, 3, 1, C]; got {x.shape} "
             f"and {kernel.shape}"
         )
+    if check_impl(impl) == "xla":
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), feature_group_count=x.shape[-1],
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias.astype(x.dtype)
     return _depthwise_conv3x3(x, kernel, bias)
 
 
@@ -225,7 +246,7 @@ def _add_tuples(a: tuple, b: tuple) -> tuple:
 _depthwise_conv3x3.defvjp(_depthwise_conv3x3_fwd, _depthwise_conv3x3_bwd)
 
 
-def conv3x3_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+def conv3x3_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array, impl: str = "cpu") -> jax.Array:
     """PyTorch's Conv2d(kernel 3, stride 2, padding 1) on NHWC `x`.
 
     `kernel` is HWIO [3, 3, C_in, C_out] (nn.Conv's layout), `bias` is [C_out]. Two forms of the
@@ -237,13 +258,15 @@ def conv3x3_stride2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arr
     forward and its kernel gradient transposes both operands; in the SwiftFormer stem, forward +
     backward is about 15% slower with them than with im2col. The kernel gradient is im2col's
     (patches^T @ cotangent); the input gradient is gathered by output parity
-    (`_stride2_input_gradient`). Reverse mode only.
+    (`_stride2_input_gradient`). Reverse mode only. impl="xla": XLA's convolution in both directions.
     """
     if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]) or bias.shape != kernel.shape[3:]:
         raise ValueError(
             f"conv3x3_stride2 expects x [B, H, W, C], kernel [3, 3, C, F] and bias [F]; got "
             f"{x.shape}, {kernel.shape} and {bias.shape}"
         )
+    if check_impl(impl) == "xla":
+        return _xla_conv3x3_stride2(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
     return _conv3x3_stride2(x, kernel.astype(x.dtype), bias.astype(x.dtype), x.shape[1], x.shape[2])
 
 
@@ -323,8 +346,7 @@ _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 
-@jax.custom_vjp
-def gelu(x: jax.Array) -> jax.Array:
+def gelu(x: jax.Array, impl: str = "cpu") -> jax.Array:
     """Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`: PyTorch's nn.GELU() formula.
 
     Equal to `jax.nn.gelu(x, approximate=False)` up to rounding (that one is written with erfc,
@@ -336,8 +358,15 @@ def gelu(x: jax.Array) -> jax.Array:
     block's) written once and read back twice: 2.1 GB of the S train step's 24 GB of memory
     traffic and 525 of its 3135 MB of XLA temp memory. The step takes the same time either way;
     the gain is memory. Forward-mode differentiation (`jax.jvp`) does not pass through a custom
-    VJP.
+    VJP. impl="xla": `jax.nn.gelu(x, approximate=False)`, differentiated by autodiff.
     """
+    if check_impl(impl) == "xla":
+        return jax.nn.gelu(x, approximate=False)
+    return _gelu(x)
+
+
+@jax.custom_vjp
+def _gelu(x: jax.Array) -> jax.Array:
     return _gelu_value(x)
 
 
@@ -363,7 +392,7 @@ def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
     return (g * (cdf + x * pdf),)
 
 
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+_gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def drop_path(x: jax.Array, rate: float, rng: jax.Array | None, deterministic: bool) -> jax.Array:
@@ -425,7 +454,9 @@ def efficient_additive_attention(params: Params, x: jax.Array, *, version: int =
     # Proj(g * k) = k @ (g scaling the rows of Proj's kernel) + bias: the same function without
     # the [B, N, D] product g * k, so g's gradient is a matmul rather than a reduction over the
     # tokens, which XLA:CPU runs superlinearly in N.
-    scaled_kernel = global_query[:, 0, :, None] * params["Proj"]["kernel"]  # [B, D, D]
+    # (g as [B, D, 1] by a transpose, not an index: indexing is a gather, which LiteRT's
+    # converter cannot take with a dynamic batch.)
+    scaled_kernel = jnp.swapaxes(global_query, 1, 2) * params["Proj"]["kernel"]  # [B, D, D]
     out = jnp.einsum("bnd,bde->bne", key, scaled_kernel) + params["Proj"]["bias"] + query
     return dense(params["final"], out)
 

@@ -1,5 +1,6 @@
 """The pure ops against float64 NumPy references written from the paper's formulas."""
 
+import functools
 import math
 import re
 
@@ -545,3 +546,46 @@ def test_drop_path_needs_rng_and_valid_rate():
         ops.drop_path(jnp.ones((2, 3)), 0.1, None, deterministic=False)
     with pytest.raises(ValueError, match="rate"):
         ops.drop_path(jnp.ones((2, 3)), 1.0, jax.random.key(0), deterministic=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two implementations: the same function, value and gradient
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["depthwise_conv3x3", "conv3x3_stride2", "gelu", "batch_norm_train"])
+def test_xla_and_cpu_implementations_agree_in_value_and_gradient(op):
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.randn(2, 9, 7, 6).astype(np.float32))
+    args = {
+        "depthwise_conv3x3": (rs.randn(3, 3, 1, 6), rs.randn(6)),
+        "conv3x3_stride2": (rs.randn(3, 3, 6, 4), rs.randn(4)),
+        "gelu": (),
+        "batch_norm_train": (rs.randn(6), rs.randn(6)),
+    }[op]
+    args = tuple(jnp.asarray(a, jnp.float32) for a in args)
+
+    def f(impl, x, *args):  # (output, statistics)
+        if op == "batch_norm_train":
+            y, mean, var = ops.batch_norm_train(x[None], *args, 1e-5, impl=impl)
+            return y[0], (mean, var)
+        return getattr(ops, op)(x, *args, impl=impl), ()
+
+    def run(impl):
+        # The gradient of sum(y * cos(y)) with the cotangent cos(y) fixed: every output weighted differently.
+        loss = lambda *a: jnp.sum(f(impl, *a)[0] * jax.lax.stop_gradient(jnp.cos(f(impl, *a)[0])))
+        grads = jax.jit(jax.grad(loss, argnums=tuple(range(1 + len(args)))))(x, *args)
+        return jax.jit(functools.partial(f, impl))(x, *args), grads
+
+    (cpu, cpu_stats), cpu_grads = run("cpu")
+    (xla, xla_stats), xla_grads = run("xla")
+    np.testing.assert_allclose(xla, cpu, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(xla_stats), jax.tree.leaves(cpu_stats)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(xla_grads, cpu_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_implementation_is_rejected():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.gelu(jnp.ones(3), impl="tpu")

@@ -72,9 +72,9 @@ def _is_stage(module: nn.Module, method_name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def eval_fn(variant: str, version: int):
+def eval_fn(variant: str, version: int, impl: str = "cpu"):
     """Jitted eval forward -> (logits, [four stage outputs before any feature norm])."""
-    model = create_model(variant, attention_version=version)
+    model = create_model(variant, attention_version=version, impl=impl)
 
     @jax.jit
     def run(variables, x):
@@ -86,12 +86,12 @@ def eval_fn(variant: str, version: int):
 
 
 @functools.lru_cache(maxsize=None)
-def train_grad_fn(variant: str, version: int):
+def train_grad_fn(variant: str, version: int, impl: str = "cpu"):
     """Jitted train-mode loss, logits, updated batch stats and gradients w.r.t. every parameter.
 
     The loss is cross-entropy on the mean of both heads: what HF returns in train mode too.
     """
-    model = create_model(variant, attention_version=version)
+    model = create_model(variant, attention_version=version, impl=impl)
 
     def loss_fn(params, batch_stats, x, labels):
         (cls, dist), updates = model.apply(
@@ -128,17 +128,19 @@ def assert_close(actual, expected, rtol, what):
 # ------------------------------------------------------------------------------------------------
 
 
-# Version 2 (the official code's current function) at both sizes; version 1 at the odd size.
-EVAL_CASES = [(v, 2, size) for v in VARIANTS for size in SIZES] + [(v, 1, SIZES[1]) for v in VARIANTS]
+# Version 2 (the official code's current function) at both sizes; version 1 at the odd size; the
+# "xla" implementation (ops.py) at the odd size, version 2.
+EVAL_CASES = ([(v, 2, size, "cpu") for v in VARIANTS for size in SIZES] + [(v, 1, SIZES[1], "cpu") for v in VARIANTS]
+              + [(v, 2, SIZES[1], "xla") for v in VARIANTS])
 
 
 @pytest.mark.parametrize(
-    "variant,version,size", EVAL_CASES,
-    ids=[f"{v}-v{ver}-{s[0]}x{s[1]}" for v, ver, s in EVAL_CASES],
+    "variant,version,size,impl", EVAL_CASES,
+    ids=[f"{v}-v{ver}-{s[0]}x{s[1]}" + ("-xla" if impl == "xla" else "") for v, ver, s, impl in EVAL_CASES],
 )
-def test_eval_logits_and_stage_maps(variant, version, size):
+def test_eval_logits_and_stage_maps(variant, version, size, impl):
     _, variables = reference(variant)
-    logits, stages = eval_fn(variant, version)(variables, jnp.asarray(images(size)))
+    logits, stages = eval_fn(variant, version, impl)(variables, jnp.asarray(images(size)))
     want_logits, want_stages = torch_eval(variant, version, size)
     assert_close(logits, want_logits, EVAL_RTOL, f"{variant} v{version} {size} logits")
     for i, (stage, want) in enumerate(zip(stages, want_stages)):
@@ -219,13 +221,13 @@ def _layer_gradient_scale(grads: dict, name: str) -> float:
     return max(np.abs(grads[k]).max() for k in (f"{layer}.weight", f"{layer}.bias") if k in grads)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_train_mode_statistics_and_gradients(variant):
+@pytest.mark.parametrize("variant, impl", [(v, "cpu") for v in VARIANTS] + [("XS", "xla")])
+def test_train_mode_statistics_and_gradients(variant, impl):
     """Attention version 2 (version 1 differs only in the token weighting: see the op-level test)."""
     _, variables = reference(variant)
     x = images(TRAIN_SIZE, seed=1)
     labels = np.array([3, 997], np.int64)
-    (loss, (logits, new_stats)), grads = train_grad_fn(variant, 2)(
+    (loss, (logits, new_stats)), grads = train_grad_fn(variant, 2, impl)(
         variables["params"], variables["batch_stats"], jnp.asarray(x), jnp.asarray(labels, jnp.int32)
     )
     want_loss, want_logits, want_buffers, want_grads = _torch_train_step(variant, 2, x, labels)
