@@ -16,6 +16,9 @@ log = logging.getLogger("swiftformer_jax")
 
 # Loggers of the libraries whose INFO lines are chatter in a training log.
 LIBRARY_LOGGERS = ("absl", "orbax", "jax", "jax._src", "tensorflow", "etils", "tensorstore")
+# Loggers whose WARNINGs are chatter too: the exporters' (jax2onnx warns, with a traceback, of each
+# example plugin whose optional package is absent; onnx_ir of shape values it does not serialise).
+QUIET_LOGGERS = ("jax2onnx", "onnx_ir")
 _FORMAT = "%(asctime)s %(message)s"
 _WARNING_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -49,3 +52,5 @@ def setup(*, verbose: bool = False, quiet: bool = False) -> None:
     absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
