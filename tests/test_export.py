@@ -50,14 +50,25 @@ def images(batch, height, width, seed=1):
     return np.random.RandomState(seed).standard_normal((batch, height, width, 3)).astype(np.float32)
 
 
+@pytest.fixture(scope="module")
+def exported(saved, tmp_path_factory):
+    """{(variant, format): (224 px with a dynamic batch, OTHER_SIZE with a fixed batch of 2)} reports."""
+    out = {}
+    for variant, (path, _, _) in saved.items():
+        directory = tmp_path_factory.mktemp(f"exported-{variant}")
+        for fmt in export.FORMATS:
+            out[variant, fmt] = (export.export(path, fmt, directory / f"dynamic.{fmt}", dynamic_batch=True),
+                                 export.export(path, fmt, directory / f"fixed.{fmt}", batch=2, image_size=OTHER_SIZE))
+    return out
+
+
 @pytest.mark.parametrize("fmt", export.FORMATS)
 @pytest.mark.parametrize("variant", ["XS", "S"])
-def test_exported_logits_match_jax_at_two_batches_and_two_sizes(saved, tmp_path, variant, fmt):
-    path, spec, variables = saved[variant]
-    # 224 px with a dynamic batch, run at batch 1 and 3; the other size with a fixed batch of 2.
-    dynamic = export.export(path, fmt, tmp_path / f"dynamic.{fmt}", dynamic_batch=True)
-    fixed = export.export(path, fmt, tmp_path / f"fixed.{fmt}", batch=2, image_size=OTHER_SIZE)
+def test_exported_logits_match_jax_at_two_batches_and_two_sizes(saved, exported, variant, fmt):
+    _, spec, variables = saved[variant]
+    dynamic, fixed = exported[variant, fmt]
     assert dynamic["input_shape"] == ["B", 224, 224, 3] and fixed["input_shape"] == [2, *OTHER_SIZE, 3]
+    # 224 px run at batch 1 and 3; the other size at its fixed batch of 2.
     for report, batches, size in ((dynamic, (1, 3), (224, 224)), (fixed, (2,), OTHER_SIZE)):
         run = export.runner(report["file"], fmt)
         for batch in batches:
@@ -71,17 +82,16 @@ def test_exported_logits_match_jax_at_two_batches_and_two_sizes(saved, tmp_path,
             assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
-def test_graphs_use_the_runtimes_own_convolutions_and_no_tensorflow_ops(saved, tmp_path):
-    path, _, _ = saved["XS"]
-    onnx_ops = export.export(path, "onnx", tmp_path / "xs.onnx")["ops"]
-    tflite_ops = export.export(path, "tflite", tmp_path / "xs.tflite")["ops"]
+def test_graphs_use_the_runtimes_own_convolutions_and_no_tensorflow_ops(exported):
+    onnx_ops = exported["XS", "onnx"][0]["ops"]
+    tflite_ops = exported["XS", "tflite"][0]["ops"]
     # XS: 16 depthwise 3x3 convs, 2 stem convs and 3 downsampling convs; 20 exact GELUs.
     assert onnx_ops["Conv"] == 21 and onnx_ops["Gelu"] == 20 and "Slice" not in onnx_ops
     assert tflite_ops["DEPTHWISE_CONV_2D"] == 16 and tflite_ops["CONV_2D"] == 5
     assert not [op for op in tflite_ops if "FLEX" in op.upper() or op == "CUSTOM"], tflite_ops
 
 
-def test_nchw_input_and_int8_weights(saved, tmp_path):
+def test_nchw_input_and_int8_weights(saved, exported, tmp_path):
     path, spec, variables = saved["XS"]
     x = images(1, 224, 224)
     want = jax_logits(spec, variables, x)
@@ -89,8 +99,7 @@ def test_nchw_input_and_int8_weights(saved, tmp_path):
     got = export.runner(onnx_file, "onnx")(x.transpose(0, 3, 1, 2))
     assert np.abs(got - want).max() <= TOLERANCE * np.abs(want).max()
     quantized = export.export(path, "tflite", tmp_path / "int8.tflite", quantize="int8-weights")
-    float_bytes = export.export(path, "tflite", tmp_path / "float.tflite")["bytes"]
-    assert quantized["bytes"] < 0.4 * float_bytes  # int8 weights: about a quarter of float32's
+    assert quantized["bytes"] < 0.4 * exported["XS", "tflite"][1]["bytes"]  # int8 weights: about a quarter
     assert quantized["relative_error"] < 0.05 and quantized["top1_agreement"] == 1.0
 
 
