@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from swiftformer_jax.logs import log
+from swiftformer_jax.logs import first_line, log
 from swiftformer_jax.model import ModelSpec
 from swiftformer_jax.specs import Spec, spec_from_json
 
@@ -466,12 +466,6 @@ def load_checkpoint(path: str | os.PathLike, *, ema: bool = False,
             raise ValueError(f"{path} holds a {spec.describe()}, which has no attention version")
         spec = dataclasses.replace(spec, attention_version=build_kwargs.pop("attention_version"))
     return spec.build(**build_kwargs), variables, spec
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's first line (libraries' multi-line messages), or its type's name."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _to_numpy(tree: Any) -> Any:

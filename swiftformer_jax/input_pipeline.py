@@ -74,6 +74,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import re
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -360,13 +361,13 @@ def _unreadable_image(source: _Source, part: str, ranges: Sequence[tuple[int, in
         for path in source.paths[part][a:b]:
             try:
                 augment_lib.decode_image(tf.io.read_file(path))
-            except tf.errors.OpError as error:
-                return f"{path}: {error.message}".splitlines()[0]
+            except tf.errors.OpError as error:  # eager errors start with TF's "{{function_node ...}} "
+                return f"{path}: {re.sub(r'^[{][{]function_node [^}]*[}][}] *', '', logs.first_line(error))}"
     return None
 
 
 def _naming_unreadable_images(batches: Iterator, source: _Source, part: str, ranges_from: Callable[[int], list]):
-    """`batches`, with a decode failure raised as a ValueError naming the file (`_unreadable_image`).
+    """`batches`, with a decode failure raised as UnreadableImageError naming the file (`_unreadable_image`).
     `ranges_from(k)` gives the example ranges that batches k, k+1, ... are made from."""
     done = 0
     try:

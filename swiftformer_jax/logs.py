@@ -54,3 +54,9 @@ def setup(*, verbose: bool = False, quiet: bool = False) -> None:
         logging.getLogger(name).setLevel(level)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line (libraries' multi-line messages), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

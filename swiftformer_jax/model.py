@@ -213,7 +213,6 @@ class SwiftFormer(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False):
         self._check_images(images)
-        ops.check_impl(self.impl)
         bn = dict(bn_group_size=self.bn_group_size, dtype=self.dtype, impl=self.impl)
         x = layers.Stem(self.widths[0], **bn, name="patch_embed")(images.astype(self.dtype), train)
 
