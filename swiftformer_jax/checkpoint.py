@@ -20,6 +20,8 @@ restarts at any step exactly), so nothing else is saved.
 
 `load_checkpoint(path)` / `load_variables(path)` read the weights of any of:
   - a workdir, a checkpoint directory (its latest step) or one step directory;
+    local or `gs://` (`paths`; on GCS orbax marks a finished step with `commit_success.txt`
+    instead of renaming it into place);
   - a directory written by `convert import` before the layout above (`metadata.json` + `state/`);
   - a PyTorch file (.pth/.pt/.bin/.tar/.safetensors): a SwiftFormer in official, Hugging Face or
     timm naming, or a RegNetY in timm (DeiT's release) or Hugging Face naming.
@@ -29,11 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
-import tempfile
 import threading
-from pathlib import Path
+import uuid
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -42,6 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from swiftformer_jax import paths
 from swiftformer_jax.logs import first_line, log
 from swiftformer_jax.model import ModelSpec
 from swiftformer_jax.specs import Spec, spec_from_json
@@ -54,6 +55,7 @@ _EMA_COLLECTIONS = ("ema_params", "ema_batch_stats")
 # The layout `convert import` wrote before the one above; still read.
 LEGACY_METADATA_FILE = "metadata.json"
 LEGACY_METADATA_FORMAT = "swiftformer-jax/imported-checkpoint"
+GCS_COMMIT_FILE = "commit_success.txt"  # orbax's mark of a finished step on GCS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,7 +96,7 @@ class Checkpointer:
                  asynchronous: bool = True, remove_unfinished: bool = False):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        self.directory = os.path.abspath(directory)
+        self.directory = str(paths.path(directory))
         self.best_metric = best_metric or None
         policies = [checkpoint_managers.LatestN(n=keep)]
         best_fn = None
@@ -154,8 +156,8 @@ class Checkpointer:
                  "being written to" if self._asynchronous else "written to", self.directory)
         return saved
 
-    def step_dir(self, step: int) -> Path:
-        return Path(self.directory) / str(step)
+    def step_dir(self, step: int) -> paths.epath.Path:
+        return paths.path(self.directory) / str(step)
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """The TrainState saved at `step`, placed as `abstract_state` says (ShapeDtypeStructs with
@@ -196,17 +198,17 @@ class Checkpointer:
         except Exception as error:  # noqa: BLE001 - missing item, bad JSON, bad fields
             raise CorruptCheckpointError(self.step_dir(step), f"{MODEL_ITEM}/: {first_line(error)}") from None
 
-    def move_aside(self, step: int) -> Path:
+    def move_aside(self, step: int) -> paths.epath.Path:
         """Rename a damaged step to `corrupt-<step>` (never deleted) so no reader takes it for a
         checkpoint again; returns the new path. Process 0 renames; every process calls this."""
         source = self.step_dir(step)
-        target = Path(self.directory) / f"corrupt-{step}"
+        target = paths.path(self.directory) / f"corrupt-{step}"
         suffix = 1
         while target.exists():
             suffix += 1
-            target = Path(self.directory) / f"corrupt-{step}-{suffix}"
+            target = paths.path(self.directory) / f"corrupt-{step}-{suffix}"
         if jax.process_index() == 0:
-            os.rename(source, target)
+            paths.rename_dir(source, target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -313,49 +315,46 @@ def save_weights(output: str | os.PathLike, variables: Mapping, spec: Spec, *,
                  source: Mapping[str, Any] | None = None) -> None:
     """Write {"params", "batch_stats"} as a checkpoint directory with one step (0), atomically.
 
-    `output` must not exist; the directory is built under a temporary sibling name and renamed
-    at the end, so a failure leaves nothing behind.
+    `output` must not exist. Locally the directory is built under a temporary sibling name and
+    renamed at the end; on GCS (no directory rename) orbax writes the step in place and marks it
+    finished last. Either way a failure leaves nothing behind.
     """
-    output = Path(output)
+    output = paths.path(output)
     if output.exists():
         raise FileExistsError(f"output already exists: {output}")
-    if not output.parent.is_dir():
+    if not paths.parent_exists(output):
         raise FileNotFoundError(f"output directory does not exist: {output.parent}")
-    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    remote = paths.is_remote(output)
+    temporary = output if remote else output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        set_default_mode(temporary, 0o777)
         manager = Checkpointer(str(temporary), keep=1, asynchronous=False)
         try:
             manager.save(0, {c: variables[c] for c in _VARIABLE_COLLECTIONS}, spec, source=source)
         finally:
             manager.close()
-        os.rename(temporary, output)
-    finally:
+        if not remote:
+            paths.rename_dir(temporary, output)
+    except BaseException:
         if temporary.exists():
-            shutil.rmtree(temporary)
+            temporary.rmtree()
+        raise
 
 
-def set_default_mode(path: str | os.PathLike, mode: int) -> None:
-    """Give a tempfile-made path (created 0700 / 0600) the mode a plain open/mkdir would give."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
-
-
-def _is_step_dir(path: Path) -> bool:
-    return (path / STATE_ITEM).is_dir() and (path / MODEL_ITEM).is_dir()
+def _is_step_dir(path: paths.epath.Path) -> bool:
+    finished = (path / STATE_ITEM).is_dir() and (path / MODEL_ITEM).is_dir()
+    return finished and (not paths.is_remote(path) or (path / GCS_COMMIT_FILE).exists())
 
 
 def complete_steps(root: str | os.PathLike) -> list[int]:
     """The steps of a checkpoint directory whose saves finished, read from the directory itself."""
-    root = Path(root)
+    root = paths.path(root)
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and _is_step_dir(p)) if root.is_dir() else []
 
 
-def find_step_dir(path: str | os.PathLike) -> Path | None:
+def find_step_dir(path: str | os.PathLike) -> paths.epath.Path | None:
     """The step directory `path` means: itself, or the latest step of the checkpoint directory it
     is or holds (a workdir holds one as `checkpoints/`). None when there is none."""
-    path = Path(path)
+    path = paths.path(path)
     if _is_step_dir(path):
         return path
     for root in (path / CHECKPOINT_DIR, path):
@@ -367,10 +366,10 @@ def find_step_dir(path: str | os.PathLike) -> Path | None:
 
 def read_spec(step_dir: str | os.PathLike) -> Spec:
     """The spec (`ModelSpec` or `RegNetSpec`) saved in a step directory."""
-    return spec_from_json(ocp.JsonCheckpointHandler().restore(Path(step_dir) / MODEL_ITEM))
+    return spec_from_json(ocp.JsonCheckpointHandler().restore(paths.path(step_dir) / MODEL_ITEM))
 
 
-def _restore_variables_from_step_dir(step_dir: Path, ema: bool) -> tuple[Spec, dict]:
+def _restore_variables_from_step_dir(step_dir: paths.epath.Path, ema: bool) -> tuple[Spec, dict]:
     """params/batch_stats (or the EMA ones) of a step directory, as host NumPy arrays.
 
     CorruptCheckpointError, naming the damaged part, when a file does not read back."""
@@ -400,7 +399,7 @@ def _restore_variables_from_step_dir(step_dir: Path, ema: bool) -> tuple[Spec, d
     return spec, {"params": restored[names[0]], "batch_stats": restored[names[1]]}
 
 
-def _read_legacy_import(directory: Path, ema: bool) -> tuple[ModelSpec, dict]:
+def _read_legacy_import(directory: paths.epath.Path, ema: bool) -> tuple[ModelSpec, dict]:
     """Weights of a directory that `convert import` wrote before the checkpoint-directory layout."""
     import json
 
@@ -414,7 +413,7 @@ def _read_legacy_import(directory: Path, ema: bool) -> tuple[ModelSpec, dict]:
     if ema:
         raise ValueError(f"{directory} is an imported checkpoint: it holds one set of weights, no EMA")
     spec = ModelSpec.from_json(metadata)
-    state = directory.resolve() / STATE_ITEM
+    state = directory / STATE_ITEM
     if not state.is_dir():
         raise FileNotFoundError(f"{directory} has no {STATE_ITEM}/ directory")
     try:
@@ -432,7 +431,7 @@ def load_variables(path: str | os.PathLike, *, ema: bool = False) -> tuple[Spec,
     earlier import layout, or a PyTorch file. `ema` takes a trainer checkpoint's EMA weights (or a
     released PyTorch checkpoint's `model_ema` entry) instead of the raw ones.
     """
-    source = Path(os.path.expanduser(str(path)))
+    source = paths.path(path)
     if not source.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if source.is_file():

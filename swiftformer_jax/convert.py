@@ -40,8 +40,6 @@ import hashlib
 import os
 import re
 import sys
-import tempfile
-from pathlib import Path
 from typing import Callable, Mapping
 
 import jax
@@ -49,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from swiftformer_jax import layout, ops
+from swiftformer_jax import layout, ops, paths
 from swiftformer_jax import checkpoint as checkpoint_lib
 from swiftformer_jax.checkpoint import load_checkpoint  # noqa: F401 - convert.load_checkpoint, as documented
 from swiftformer_jax.model import VARIANT_SIZES, ModelSpec, variant_name
@@ -527,14 +525,20 @@ def read_torch_file(path: str | os.PathLike) -> Mapping:
     official training checkpoints store under 'args'. Raises FileNotFoundError or a one-line
     ValueError for a missing, truncated or foreign file.
     """
-    path = Path(path)
+    path = paths.path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    with paths.local_copy(path) as local:
+        return _read_local_torch_file(path, local)
+
+
+def _read_local_torch_file(path, local: str) -> Mapping:
+    """`read_torch_file` of `path`, whose bytes are in the local file `local`."""
     if path.suffix == SAFETENSORS_SUFFIX:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device="cpu")
+            return load_file(local, device="cpu")
         except Exception as error:  # noqa: BLE001 - any failure here means "not a readable file"
             raise ValueError(f"cannot read {path} as a safetensors file: {checkpoint_lib.first_line(error)}") from None
     if path.suffix not in TORCH_SUFFIXES:
@@ -546,7 +550,7 @@ def read_torch_file(path: str | os.PathLike) -> Mapping:
 
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(local, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
         unsupported = re.search(r"GLOBAL ([\w.]+)", str(error))
         reason = (f"it refers to {unsupported.group(1)}, which is not a tensor type (refused: loading it "
@@ -563,33 +567,31 @@ def write_torch_file(state_dict: Mapping[str, np.ndarray], path: str | os.PathLi
     Refuses an existing `path`; writes a temporary sibling file and renames it at the end, so a
     failure leaves nothing behind.
     """
-    path = Path(path)
+    path = paths.path(path)
     _check_torch_suffix(path)
     if path.exists():
         raise FileExistsError(f"output already exists: {path}")
-    if not path.parent.is_dir():
+    if not paths.parent_exists(path):
         raise FileNotFoundError(f"output directory does not exist: {path.parent}")
     import torch
 
     # ascontiguousarray makes 0-d arrays 1-d: the shape is put back (num_batches_tracked is 0-d).
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v).reshape(np.shape(v))) for k, v in state_dict.items()}
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(descriptor)
+    temporary = paths.scratch_file(path)
     try:
-        checkpoint_lib.set_default_mode(temporary, 0o666)
         if path.suffix == SAFETENSORS_SUFFIX:
             from safetensors.torch import save_file
 
             save_file(tensors, temporary, metadata={"format": "pt"})
         else:
             torch.save(tensors, temporary)
-        os.replace(temporary, path)
+        paths.publish(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
 
 
-def _check_torch_suffix(path: Path) -> None:
+def _check_torch_suffix(path) -> None:
     if path.suffix not in TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,):
         raise ValueError(
             f"cannot write {path}: unsupported file type {path.suffix!r}; use .pth, .pt, .bin or "
@@ -677,15 +679,15 @@ def import_checkpoint(
     must not exist; it is written aside and renamed at the end. Returns the spec and the source
     description (file, sha256, naming, entry) it recorded.
     """
-    output = Path(output)
+    output = paths.path(output)
     if output.exists():
         raise FileExistsError(f"output already exists: {output}")
-    if not output.parent.is_dir():
+    if not paths.parent_exists(output):
         raise FileNotFoundError(f"output directory does not exist: {output.parent}")
-    source = Path(checkpoint)
+    source = paths.path(checkpoint)
     spec, variables, naming, entry = _convert_any(read_torch_file(source), which, variant,
                                                   attention_version, architecture)
-    provenance = {"file": str(source.resolve()), "sha256": _sha256(source), "naming": naming,
+    provenance = {"file": str(source), "sha256": _sha256(source), "naming": naming,
                   "entry": entry}
     checkpoint_lib.save_weights(output, variables, spec, source=provenance)
     return spec, provenance
@@ -699,7 +701,7 @@ def export_checkpoint(
     EMA weights) as a PyTorch state dict file (see `to_torch`; for a RegNetY
     `regnet_convert.to_torch`, where "official" is timm's naming). Returns the checkpoint's spec."""
     _check_naming(naming)
-    output = Path(output)
+    output = paths.path(output)
     _check_torch_suffix(output)
     if output.exists():
         raise FileExistsError(f"output already exists: {output}")
@@ -712,9 +714,9 @@ def export_checkpoint(
     return spec
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with paths.path(path).open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from swiftformer_jax import xla_flags
+from swiftformer_jax import paths, xla_flags
 
 FORMATS = ("onnx", "tflite")
 LAYOUTS = ("nhwc", "nchw")
@@ -177,10 +177,10 @@ def check_request(fmt: str, output: str | os.PathLike, *, batch: int, image_size
         raise ExportError(f"--quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
     if quantize and fmt != "tflite":
         raise ExportError(f"--quantize {quantize} is for --format tflite")
-    output = Path(output)
+    output = paths.path(output)
     if output.exists() and not overwrite:
         raise ExportError(f"{output} exists; choose another --output or pass --overwrite")
-    if not output.parent.is_dir():
+    if not paths.parent_exists(output):
         raise ExportError(f"the directory of --output {output} does not exist")
 
 
@@ -206,8 +206,8 @@ def export(checkpoint_path: str | os.PathLike, fmt: str, output: str | os.PathLi
     logs.log.info("Exporting %s to %s, input %s %s.", spec.describe(), fmt, layout.upper(),
                   "x".join("B" if d is None else str(d) for d in shape))
 
-    output = Path(output)
-    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    output = paths.path(output)
+    partial = Path(paths.scratch_file(output))  # runtimes read local files: checked here, then published
     try:
         if fmt == "onnx":
             import onnx
@@ -216,13 +216,13 @@ def export(checkpoint_path: str | os.PathLike, fmt: str, output: str | os.PathLi
         else:
             partial.write_bytes(to_tflite(exported, shape, quantize))
         report = check(partial, fmt, spec, variables, shape, layout, quantized=bool(quantize))
-        os.replace(partial, output)
+        report.update(bytes=partial.stat().st_size, ops=op_counts(partial, fmt))
+        paths.publish(partial, output)
     finally:
         partial.unlink(missing_ok=True)
-    report.update(file=str(output), bytes=output.stat().st_size, format=fmt, model=spec.describe(),
+    report.update(file=str(output), format=fmt, model=spec.describe(),
                   input_shape=["B" if d is None else d for d in shape], layout=layout,
-                  opset=ONNX_OPSET if fmt == "onnx" else None, quantize=quantize,
-                  ops=op_counts(output, fmt), jax=jax.__version__)
+                  opset=ONNX_OPSET if fmt == "onnx" else None, quantize=quantize, jax=jax.__version__)
     return report
 
 

@@ -83,6 +83,7 @@ import tensorflow_datasets as tfds
 
 from swiftformer_jax import augment as augment_lib
 from swiftformer_jax import digits, logs
+from swiftformer_jax.paths import is_remote
 
 AUTOTUNE = tf.data.AUTOTUNE
 FOLDER_PREFIX = "folder:"
@@ -301,7 +302,8 @@ def _scan_folder(root: str) -> tuple[tuple[str, ...], dict[str, tuple[np.ndarray
 
 
 def _folder_source(root: str) -> _Source:
-    classes, parts = _scan_folder(os.path.abspath(os.path.expanduser(root)))
+    # gs:// folders are read by TensorFlow's own GCS client (tf.io.gfile, tf.io.read_file).
+    classes, parts = _scan_folder(root if is_remote(root) else os.path.abspath(os.path.expanduser(root)))
     info = DatasetInfo(len(parts["train"][0]), len(parts["eval"][0]), len(classes))
 
     def read(part, ranges):

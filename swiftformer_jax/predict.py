@@ -3,7 +3,7 @@
     python -m swiftformer_jax.predict --checkpoint PATH [--ema] [--names FILE] [--top-k 5] IMAGE...
 
 `PATH` is any checkpoint `checkpoint.load_checkpoint` reads: a `convert import` output, a
-training workdir or one of its steps. Preprocessing is the official evaluation transform
+training workdir or one of its steps, local or `gs://` (images too). Preprocessing is the official evaluation transform
 (util/datasets.py `build_transform` of Amshaker/SwiftFormer) at the checkpoint's image size S
 (224 for imported weights): resize the shorter side to int(256 / 224 * S) pixels (256 at 224)
 with bicubic interpolation, centre-crop S x S, scale to [0, 1] and normalise with the ImageNet
@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from swiftformer_jax import xla_flags
+from swiftformer_jax import paths, xla_flags
 from swiftformer_jax.model import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -79,7 +81,7 @@ def preprocess(image, crop_size: int = CROP_SIZE, resize_size: int | None = None
     return (pixels - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
 
 
-def load_image(path: str | Path):
+def load_image(path: str | os.PathLike):
     """Open and fully decode an image file as 8-bit RGB; a one-line error for a missing,
     unreadable, truncated or oversized one.
 
@@ -89,11 +91,11 @@ def load_image(path: str | Path):
     """
     from PIL import Image
 
-    path = Path(path)
+    path = paths.path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(path.read_bytes())) as image:
             image.load()
             return _to_rgb8(image)
     except Image.DecompressionBombError as error:
@@ -134,9 +136,9 @@ def imagenet_wnids() -> list[str]:
     return wnids
 
 
-def read_names(path: str | Path, num_classes: int) -> list[str]:
+def read_names(path: str | os.PathLike, num_classes: int) -> list[str]:
     """One class name per line, exactly `num_classes` non-empty lines."""
-    path = Path(path)
+    path = paths.path(path)
     if not path.is_file():
         raise FileNotFoundError(f"names file not found: {path}")
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import datetime
 import itertools
-import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -39,7 +38,7 @@ import optax
 
 from swiftformer_jax import augment as augment_lib
 from swiftformer_jax import checkpoint as checkpoint_lib
-from swiftformer_jax import input_pipeline, losses, metrics as metrics_lib, mixup, multihost, optim
+from swiftformer_jax import input_pipeline, losses, metrics as metrics_lib, mixup, multihost, optim, paths
 from swiftformer_jax import sharding as sharding_lib
 from swiftformer_jax.logs import log
 from swiftformer_jax.model import ModelSpec, SwiftFormer
@@ -110,7 +109,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "(a PyTorch file, another imported directory or a workdir of this trainer is a teacher too), "
             "or train without distillation (--config.distillation.kind=none)"
         )
-    if d.kind != "none" and not os.path.exists(os.path.expanduser(d.teacher)):
+    if d.kind != "none" and not paths.exists(d.teacher):
         fail(
             f"config.distillation.teacher={d.teacher!r} does not exist. The official teacher is DeiT's "
             "RegNetY-160: download https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth and "
@@ -119,7 +118,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "PyTorch file, an imported directory, a workdir of this trainer), or train without "
             "distillation (--config.distillation.kind=none)"
         )
-    if config.init_from and not os.path.exists(os.path.expanduser(config.init_from)):
+    if config.init_from and not paths.exists(config.init_from):
         fail(f"config.init_from={config.init_from!r} does not exist")
     if not 0.0 <= config.ema_decay <= 1.0:
         fail(f"config.ema_decay must be in [0, 1], got {config.ema_decay}")
@@ -608,9 +607,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  run.data.num_eval_examples, run.data.num_classes, steps.steps_per_epoch,
                  steps.total_steps, steps.warmup_steps, steps.eval_every, steps.checkpoint_every)
     if process_index == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as handle:
-            handle.write(config.to_json_best_effort(indent=2) + "\n")
+        paths.mkdir(workdir)
+        paths.write_bytes_atomically(paths.path(workdir) / "config.json",
+                                     (config.to_json_best_effort(indent=2) + "\n").encode("utf-8"))
 
     # -- State (restored, fine-tuned or fresh), born in its sharding; jitted steps.
     # The keys are made on the devices, replicated (a host key could not reach other processes'
@@ -618,7 +617,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     init_rng, train_rng = jax.jit(lambda: tuple(jax.random.split(jax.random.key(config.seed))),
                                   out_shardings=sharding_lib.replicated(mesh))()
     checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR), keep=config.keep_checkpoints, best_metric=config.best_metric,
+        paths.path(workdir) / checkpoint_lib.CHECKPOINT_DIR, keep=config.keep_checkpoints, best_metric=config.best_metric,
         asynchronous=config.async_checkpointing, remove_unfinished=True,
     )
     writer = None

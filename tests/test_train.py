@@ -12,10 +12,13 @@ import glob
 import json
 import os
 import pathlib
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -477,20 +480,63 @@ RESTORE_IN_ONE_PROCESS = textwrap.dedent(r"""
 """)
 
 
+def start_processes(commands, env, log_dir, name):
+    """Start every command at once, each logging to `log_dir/<name><i>.log`."""
+    logs = [open(os.path.join(log_dir, f"{name}{i}.log"), "w") for i in range(len(commands))]
+    procs = [subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT, env=env) for c, log in zip(commands, logs)]
+    for log in logs:
+        log.close()
+    return procs
+
+
+def read_log(log_dir, name, i) -> str:
+    with open(os.path.join(log_dir, f"{name}{i}.log")) as handle:
+        return handle.read()
+
+
 @pytest.mark.slow
-def test_two_processes_train_evaluate_checkpoint_and_restore_in_one_process(tmp_path, digits_data_dir):
+def test_two_processes_preempted_on_one_host_save_together_resume_and_restore_in_one_process(tmp_path, digits_data_dir):
     workdir = tmp_path / "work"
     overrides = [f"--config.{key.replace('__', '.')}={value}".replace(" ", "")
                  for key, value in TWO_PROCESS_CONFIG.items()]
     args = [
         sys.executable, os.path.join(REPO, "main.py"), "--config=" + os.path.join(REPO, "configs/quickstart.py"),
-        f"--workdir={workdir}", f"--config.data_dir={digits_data_dir}", *overrides,
-        f"--coordinator_address=localhost:{free_port()}", "--num_processes=2",
+        f"--workdir={workdir}", f"--config.data_dir={digits_data_dir}", *overrides, "--num_processes=2",
     ]
     env = {**os.environ, "XLA_FLAGS": device_flags(4),
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
-    codes, outputs = run_processes([args + [f"--process_id={i}"] for i in range(2)], env, tmp_path, timeout=900)
+
+    # Preemption of one host: SIGTERM to process 1 only, once training runs. JAX's preemption
+    # sync point makes both processes save the same step and exit 0.
+    port = free_port()
+    procs = start_processes([args + [f"--coordinator_address=localhost:{port}", f"--process_id={i}"]
+                             for i in range(2)], env, tmp_path, "preempted")
+    try:
+        deadline = time.time() + 600
+        while "step 1/8" not in read_log(tmp_path, "preempted", 0):
+            assert all(p.poll() is None for p in procs), read_log(tmp_path, "preempted", 0)[-3000:]
+            assert time.time() < deadline, "no training step within 10 minutes"
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    outputs = [read_log(tmp_path, "preempted", i) for i in range(2)]
     assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    stopped = [re.findall(r"Stopped at step (\d+) with a checkpoint", out) for out in outputs]
+    assert stopped[0] == stopped[1] and len(stopped[0]) == 1, outputs
+    preempted_at = int(stopped[0][0])
+    assert 1 < preempted_at < 8
+    assert checkpoint.complete_steps(workdir / "checkpoints")[-1] == preempted_at
+
+    # The same command again on both hosts: it resumes from that step and finishes.
+    port = free_port()
+    codes, outputs = run_processes([args + [f"--coordinator_address=localhost:{port}", f"--process_id={i}"]
+                                    for i in range(2)], env, tmp_path, timeout=900)
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert f"at step {preempted_at}." in outputs[0]
     assert "over 8 devices, 2 process(es)" in outputs[0] and "step 8/8" in outputs[0]
     assert "process 1 of 2; 4 local / 8 global devices" in outputs[1]
     assert "step 8/8" not in outputs[1]  # progress is logged by process 0 only
@@ -499,7 +545,7 @@ def test_two_processes_train_evaluate_checkpoint_and_restore_in_one_process(tmp_
     losses = [r["train/loss"] for r in records]
     assert np.isfinite(losses).all() and np.mean(losses[-2:]) < 0.95 * np.mean(losses[:2]), losses  # measured: 0.93
     assert all(r["eval/num_examples"] == 300 for r in records if r["step"] in (4, 8))
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
+    assert 8 in checkpoint.complete_steps(workdir / "checkpoints")
 
     # The checkpoint the two processes wrote, restored in one process of 4 devices (resharded from
     # 8), evaluates exactly as the two processes evaluated it at step 8.
