@@ -64,6 +64,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.drop_rate = 0.0  # dropout in the MLPs (official: 0)
     config.dtype = "float32"  # compute dtype, 'float32' | 'bfloat16'; params/optimizer stay float32
     config.bn_group_size = 128  # ghost batch norm group (official per-GPU batch); 0 = global batch
+    # Gradient accumulation: the global batch in micro-batches of this size (one update; memory of
+    # one micro-batch); 0 = none. bn_group_size must then divide it (official: 128 = bn_group_size).
+    config.microbatch_size = 0
+    # jax.profiler trace of steps [start, start + count) into WORKDIR/profile (process 0); count 0 = off.
+    config.profile_steps = (0, 0)
 
     # Distillation (DeiT): loss = (1 - alpha) * base + alpha * distillation, via the dist head.
     config.distillation = ml_collections.ConfigDict()

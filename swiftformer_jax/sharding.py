@@ -68,6 +68,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many pieces `batch_sharding` splits a batch into."""
+    return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -38,7 +38,7 @@ import optax
 
 from swiftformer_jax import augment as augment_lib
 from swiftformer_jax import checkpoint as checkpoint_lib
-from swiftformer_jax import input_pipeline, losses, metrics as metrics_lib, mixup, multihost, optim, paths
+from swiftformer_jax import input_pipeline, losses, metrics as metrics_lib, mixup, multihost, optim, paths, profiling
 from swiftformer_jax import sharding as sharding_lib
 from swiftformer_jax.logs import log
 from swiftformer_jax.model import ModelSpec, SwiftFormer
@@ -92,6 +92,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     with config_keys("config.mixup"):
         mixup.check_settings(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha,
                              switch_prob=m.switch_prob, prob=m.prob, mode=m.mode)
+    with config_keys("config.profile_steps"):
+        profiling.check(config.profile_steps)
+    if config.microbatch_size < 0:
+        fail(f"config.microbatch_size must be >= 0 (0: no gradient accumulation), got {config.microbatch_size}")
     if m.group_size < 0:
         fail(f"config.mixup.group_size must be >= 0 (0: whole global batch), got {m.group_size}")
     with config_keys("config.clip_mode / config.clip_grad"):
@@ -144,6 +148,20 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh, process_count: in
             f"config.batch_size={batch} does not split into ghost batch-norm groups of "
             f"config.bn_group_size={group}: use a multiple of {group}, or bn_group_size=0"
         )
+    micro = config.microbatch_size
+    if micro:
+        if batch % micro:
+            raise ConfigError(f"config.batch_size={batch} does not split into micro-batches of "
+                              f"config.microbatch_size={micro}: use a divisor of {batch}, or 0 for none")
+        shards = sharding_lib.batch_shards(mesh)
+        if micro < batch and micro % shards:
+            raise ConfigError(f"config.microbatch_size={micro} does not split over the {shards} devices "
+                              f"the batch is split over: use a multiple of {shards}")
+        if micro < batch and (not group or micro % group):
+            raise ConfigError(
+                f"with micro-batches (config.microbatch_size={micro}) batch norm normalises within each: "
+                f"set config.bn_group_size to {micro} or a divisor of it (got {group}; 0 means the whole "
+                "global batch, which no micro-batch holds)")
     if _mixup_enabled(config):
         mix_group = config.mixup.group_size or batch
         if batch % mix_group or mix_group % 2:
@@ -189,6 +207,12 @@ def durations(config: ml_collections.ConfigDict, num_train_examples: int) -> Dur
         value = steps(f"{name}_every_epochs", f"{name}_every_steps")
         every[name] = max(1, min(value, total))
     return Durations(steps_per_epoch, total, warmup, every["eval"], every["checkpoint"], config.log_every_steps)
+
+
+def accumulation_steps(config: ml_collections.ConfigDict) -> int:
+    """Micro-batches per update: batch_size / microbatch_size (1 without accumulation)."""
+    micro = config.microbatch_size
+    return config.batch_size // micro if micro and micro < config.batch_size else 1
 
 
 def augment_config(config: ml_collections.ConfigDict) -> augment_lib.AugmentConfig:
@@ -374,11 +398,30 @@ def ema_decay_at(config, step):
     return jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
 
 
-def make_train_step(config, model: SwiftFormer, tx, schedule, num_classes: int, teacher: SwiftFormer | None = None):
+def microbatches(x: jax.Array, count: int, shards: int) -> jax.Array:
+    """[B, ...] -> [count, B / count, ...], micro-batch k made of every batch shard's k-th slice.
+
+    The batch is split over `shards` devices in contiguous blocks; taking each block's k-th slice
+    keeps every micro-batch spread over every device (no data moves). On one shard, micro-batch k
+    is rows [k*M, (k+1)*M): the one-shot step's ghost batch-norm groups of M."""
+    b = x.shape[0]
+    blocks = x.reshape((shards, count, b // (shards * count)) + x.shape[1:])
+    return jnp.swapaxes(blocks, 0, 1).reshape((count, b // count) + x.shape[1:])
+
+
+def make_train_step(config, model: SwiftFormer, tx, schedule, num_classes: int, teacher: SwiftFormer | None = None,
+                    batch_shards: int = 1):
     """`train_step(state, batch, rng, teacher_variables) -> (state, metrics)`, a pure function.
 
     batch: {"image": float [B, S, S, 3], "label": int [B]} (global). Metrics: loss, grad_norm
     (before clipping), learning_rate (used by this update), finite (loss and gradient finite).
+
+    With `config.microbatch_size` M < B the gradient is accumulated over B / M micro-batches
+    (`lax.scan`, so activations are those of one micro-batch) and one update is applied: the
+    mean of the micro-batch gradients and losses, and the mean of their batch-norm statistics
+    updates, which is the one-shot step's with ghost batch norm over groups of M (or a divisor).
+    Mixup/cutmix is drawn on the whole batch first; drop path and dropout per micro-batch.
+    `batch_shards` is the number of devices the batch is split over (see `microbatches`).
     """
     kind = config.distillation.kind
     use_mixup = _mixup_enabled(config)
@@ -389,6 +432,7 @@ def make_train_step(config, model: SwiftFormer, tx, schedule, num_classes: int, 
         group_size=m.group_size or None,
     )
     smoothing, alpha, tau = config.label_smoothing, config.distillation.alpha, config.distillation.tau
+    accumulation = accumulation_steps(config)
 
     def train_step(state: TrainState, batch, rng, teacher_variables):
         rng = jax.random.fold_in(rng, state.step)
@@ -398,20 +442,41 @@ def make_train_step(config, model: SwiftFormer, tx, schedule, num_classes: int, 
             images, targets = mixup.mixup_cutmix(mix_rng, images, labels, **mixup_args)
         else:
             targets = losses.one_hot_smoothed(labels, num_classes, smoothing)
-        # The teacher sees the same (mixed) images, in inference mode, and gets no gradient.
-        teacher_logits = None if kind == "none" else teacher.apply(teacher_variables, images, train=False)
 
-        def loss_fn(params):
-            outputs, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                mutable=["batch_stats"], rngs={"dropout": dropout_rng, "drop_path": drop_path_rng},
-            )
-            cls_logits, dist_logits = (outputs, None) if kind == "none" else outputs
-            loss = losses.distillation_loss(cls_logits, dist_logits, targets, teacher_logits,
-                                            kind=kind, alpha=alpha, tau=tau)
-            return loss, updates["batch_stats"]
+        def micro_step(images, targets, drop_path_rng, dropout_rng):
+            """(loss, updated batch_stats, gradient) of one (micro-)batch."""
+            # The teacher sees the same (mixed) images, in inference mode, and gets no gradient.
+            teacher_logits = None if kind == "none" else teacher.apply(teacher_variables, images, train=False)
 
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            def loss_fn(params):
+                outputs, updates = model.apply(
+                    {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                    mutable=["batch_stats"], rngs={"dropout": dropout_rng, "drop_path": drop_path_rng},
+                )
+                cls_logits, dist_logits = (outputs, None) if kind == "none" else outputs
+                loss = losses.distillation_loss(cls_logits, dist_logits, targets, teacher_logits,
+                                                kind=kind, alpha=alpha, tau=tau)
+                return loss, updates["batch_stats"]
+
+            (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            return loss, batch_stats, grads
+
+        if accumulation == 1:
+            loss, batch_stats, grads = micro_step(images, targets, drop_path_rng, dropout_rng)
+        else:
+            split = lambda x: microbatches(x, accumulation, batch_shards)  # noqa: E731
+
+            def accumulate(total, inputs):
+                micro_images, micro_targets, k = inputs
+                out = micro_step(micro_images, micro_targets, jax.random.fold_in(drop_path_rng, k),
+                                 jax.random.fold_in(dropout_rng, k))
+                return jax.tree_util.tree_map(jnp.add, total, out), None
+
+            inputs = (split(images), split(targets), jnp.arange(accumulation))
+            shapes = jax.eval_shape(micro_step, inputs[0][0], inputs[1][0], drop_path_rng, dropout_rng)
+            zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+            total, _ = jax.lax.scan(accumulate, zeros, inputs)
+            loss, batch_stats, grads = jax.tree_util.tree_map(lambda x: x / accumulation, total)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optim.global_norm(grads)
@@ -457,7 +522,8 @@ def jit_steps(config, model, tx, schedule, num_classes, teacher, mesh, state_sha
     batch_sharding = sharding_lib.batch_sharding(mesh)
     replicated = sharding_lib.replicated(mesh)
     train_step = jax.jit(
-        make_train_step(config, model, tx, schedule, num_classes, teacher),
+        make_train_step(config, model, tx, schedule, num_classes, teacher,
+                        batch_shards=sharding_lib.batch_shards(mesh)),
         in_shardings=(state_shardings, batch_sharding, replicated, teacher_shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
@@ -622,6 +688,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     )
     writer = None
     watcher = checkpoint_lib.PreemptionWatcher()
+    profiler = profiling.StepProfiler(workdir, config.profile_steps)
     try:
         state, state_shardings = initial_state(config, run, init_rng, checkpointer)
         start_step = int(jax.device_get(state.step))
@@ -658,9 +725,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             batch_sharding,
         )
         return _loop(config, steps, state, batches, train_step, eval_step, train_rng, teacher_variables,
-                     batch_sharding, checkpointer, writer, watcher, spec, start_step, stop_at_step,
+                     batch_sharding, checkpointer, writer, watcher, profiler, spec, start_step, stop_at_step,
                      run.data.num_eval_examples)
     finally:
+        profiler.close()
         watcher.close()
         if writer is not None:
             writer.close()
@@ -668,7 +736,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _loop(config, steps: Durations, state, batches, train_step, eval_step, rng,
-          teacher_variables, batch_sharding, checkpointer, writer, watcher, spec, start_step,
+          teacher_variables, batch_sharding, checkpointer, writer, watcher, profiler, spec, start_step,
           stop_at_step, num_eval_examples) -> TrainState:
     """Steps from `start_step` to the end (or a stop). Each step's metrics are read while the next
     step runs, so the device never idles waiting for the host; every step is checked for a
@@ -699,8 +767,11 @@ def _loop(config, steps: Durations, state, batches, train_step, eval_step, rng,
 
     for step in range(start_step, steps.total_steps):
         batch = next(batches)
-        state, step_metrics = train_step(state, batch, rng, teacher_variables)
         done = step + 1
+        result = []
+        with profiler.step(done, result):
+            state, step_metrics = train_step(state, batch, rng, teacher_variables)
+            result.append(state)
         pending.append((done, step_metrics))
         read_metrics(keep_last=True)
         interval_steps += 1

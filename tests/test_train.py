@@ -58,7 +58,7 @@ def abstract_state(config, run):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, digits_data_dir):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    state = train.train_and_evaluate(loop_config(digits_data_dir), workdir)
+    state = train.train_and_evaluate(loop_config(digits_data_dir, profile_steps=(2, 2)), workdir)
     return workdir, host(state)
 
 
@@ -99,6 +99,16 @@ def test_tensorboard_event_files_hold_the_scalars(uninterrupted):
         event = tf.compat.v1.Event.FromString(record.numpy())
         tags.update(value.tag for value in event.summary.value)
     assert set(TRAIN_KEYS + EVAL_KEYS) <= tags
+
+
+def test_profile_steps_write_a_trace_of_those_steps(uninterrupted):
+    workdir, _ = uninterrupted
+    (trace,) = glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*", "*.xplane.pb"))
+    profile = jax.profiler.ProfileData.from_file(trace)
+    events = [event for plane in profile.planes for line in plane.lines for event in line.events]
+    steps = sorted({dict(event.stats).get("step_num") for event in events if event.name == "train"})
+    assert steps == [2, 3]  # the step annotations of the traced steps, and only those
+    assert any("train_step" in event.name for event in events)  # the jitted step ran inside
 
 
 def test_learning_rate_follows_the_configured_schedule(uninterrupted, digits_data_dir):
@@ -371,6 +381,8 @@ def test_official_configs_name_the_official_teacher_or_kind_none(variant, tmp_pa
         (dict(mixup__mode="row"), train.ConfigError, "config.mixup: unknown mixup mode 'row'"),
         (dict(distillation__alpha=1.5), train.ConfigError, r"config.distillation: alpha must be in \[0, 1\]"),
         (dict(lr_lag_one_epoch=True), train.ConfigError, "learning rate schedule: lag_one_epoch"),
+        (dict(profile_steps=(0, 2)), train.ConfigError, r"config.profile_steps: must be \(start >= 1"),
+        (dict(microbatch_size=6), train.ConfigError, "does not split into micro-batches of config.microbatch_size=6"),
     ],
 )
 def test_bad_configs_fail_clearly_before_training(overrides, error, message, tmp_path, digits_data_dir):
