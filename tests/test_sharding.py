@@ -81,12 +81,12 @@ def test_global_batch_and_batch_size_checks_on_one_device():
 
 # ---------------------------------------------------------------------------------------------
 # Simulated devices (subprocesses: the device count is fixed when JAX starts). One program trains
-# the same tiny network from the same init on 1 device and on the meshes data=8, data=4 x fsdp=2
+# the same tiny network from the same init on 1 device and on the meshes data=4 x fsdp=2
 # and fsdp=8, saves the fsdp=8 state, and trains on; a 4-device program restores that checkpoint
 # onto data=2 x fsdp=2 and must continue exactly as the 8-device run did.
 # ---------------------------------------------------------------------------------------------
 
-MESHES = {"one": None, "data8": (8, 1), "data4_fsdp2": (4, 2), "fsdp8": (1, 8)}
+MESHES = {"one": None, "data4_fsdp2": (4, 2), "fsdp8": (1, 8)}
 STEPS, SAVED_STEP, MORE_STEPS = 8, 8, 3
 
 COMMON = textwrap.dedent(r"""
@@ -255,7 +255,7 @@ def test_every_mesh_uses_all_eight_devices_and_splits_the_batch(eight_devices):
     r = eight_devices
     assert r["devices"] == 8
     assert r["one_batch_rows"] == [16]  # 16 images on one device
-    for name in ("data8", "data4_fsdp2", "fsdp8"):
+    for name in ("data4_fsdp2", "fsdp8"):
         assert r[name + "_batch_rows"] == [2], name  # 2 per device, whatever the mesh shape
 
 
@@ -267,7 +267,7 @@ def test_state_shardings_are_what_the_rules_say(eight_devices, name):
     by_path = {row["path"]: row for row in rows}
     head = by_path[".params['head']['kernel']"]  # [24, 10], written out by hand
     bias = by_path[".params['head']['bias']"]  # [10]
-    expected = {"one": ([None, None], [None]), "data8": ([None, None], [None]),
+    expected = {"one": ([None, None], [None]),
                 "data4_fsdp2": (["fsdp", None], ["fsdp"]), "fsdp8": (["fsdp", None], [None])}[name]
     assert (head["spec"], bias["spec"]) == expected
     assert head["shards"] == [[24 // fsdp, 10]]
@@ -275,7 +275,7 @@ def test_state_shardings_are_what_the_rules_say(eight_devices, name):
     assert (sharded > len(rows) // 2) if fsdp > 1 else sharded == 0  # fsdp takes most leaves
 
 
-@pytest.mark.parametrize("name", ["data8", "data4_fsdp2", "fsdp8"])
+@pytest.mark.parametrize("name", ["data4_fsdp2", "fsdp8"])
 def test_every_mesh_gives_the_loss_and_parameters_of_one_device(eight_devices, name):
     # Same init, same batch, same rng: ghost BN groups (fixed size 8), drop path, the teacher and
     # the loss are global-batch computations, so the mesh changes only the float summation order.
