@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.attention_version = 2  # 2: official code since 2023-07 (and timm); 1: first release
     config.model.drop_path_rate = 0.0  # stochastic depth at the last block (official: 0, not set)
     config.model.drop_rate = 0.0  # dropout in the MLPs (official: 0)
+    config.model.impl = "auto"  # ops' form: 'cpu' (tuned on XLA:CPU) | 'xla' | 'auto' (cpu on CPUs, else xla)
     config.dtype = "float32"  # compute dtype, 'float32' | 'bfloat16'; params/optimizer stay float32
     config.bn_group_size = 128  # ghost batch norm group (official per-GPU batch); 0 = global batch
     # Gradient accumulation: the global batch in micro-batches of this size (one update; memory of

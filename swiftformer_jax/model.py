@@ -111,10 +111,11 @@ class ModelSpec:
         return f"{name} ({head}, attention v{self.attention_version}, {self.image_size} px)"
 
     def build(self, *, drop_path_rate: float = 0.0, drop_rate: float = 0.0,
-              bn_group_size: int | None = None, dtype=jnp.float32, impl: str = "cpu") -> "SwiftFormer":
+              bn_group_size: int | None = None, dtype=jnp.float32, impl: str = "auto", devices=None) -> "SwiftFormer":
         """The linen module. `bn_group_size` None normalises over the whole (global) batch; an int
         gives ghost batch norm over groups of that many images. `dtype` is the compute dtype;
-        `impl` the ops' form ("cpu" or "xla", `ops.py`), which changes neither weights nor function."""
+        `impl` the ops' form ("cpu" or "xla", `ops.py`; "auto": `ops.resolve_impl` for `devices`,
+        default JAX's default devices), which changes neither weights nor function."""
         if not 0.0 <= drop_path_rate < 1.0 or not 0.0 <= drop_rate < 1.0:
             raise ValueError(
                 f"drop rates must be in [0, 1); got drop_path_rate={drop_path_rate}, drop_rate={drop_rate}"
@@ -125,7 +126,7 @@ class ModelSpec:
             depths=self.depths, widths=self.widths, num_classes=self.num_classes,
             distillation=self.distillation, features_only=self.features_only,
             attention_version=self.attention_version, drop_path_rate=drop_path_rate,
-            drop_rate=drop_rate, bn_group_size=bn_group_size, dtype=dtype, impl=ops.check_impl(impl),
+            drop_rate=drop_rate, bn_group_size=bn_group_size, dtype=dtype, impl=ops.resolve_impl(impl, devices),
         )
 
     def abstract_variables(self) -> dict:
@@ -276,7 +277,7 @@ def create_model(
     drop_rate: float = 0.0,
     bn_group_size: int | None = None,
     dtype=jnp.float32,
-    impl: str = "cpu",
+    impl: str = "auto",
 ) -> SwiftFormer:
     """Build SwiftFormer-XS, -S, -L1 or -L3 (any case): `ModelSpec.named(...).build(...)`.
 
@@ -284,7 +285,8 @@ def create_model(
     Hugging Face (see `ops.additive_token_weights`). `bn_group_size` None normalises over the whole
     (global) batch; an int gives ghost batch norm over groups of that many images. `dtype` is the
     compute dtype (e.g. jnp.bfloat16); parameters stay float32. `impl` picks the ops' form: "cpu"
-    (tuned on XLA:CPU) or "xla" (XLA's own convolutions and GELU); same parameters, same function.
+    (tuned on XLA:CPU), "xla" (XLA's own convolutions and GELU) or "auto" (the first on CPUs, the
+    second elsewhere: `ops.resolve_impl`); same parameters, same function.
     """
     spec = ModelSpec.named(variant, num_classes=num_classes, distillation=distillation,
                            features_only=features_only, attention_version=attention_version)

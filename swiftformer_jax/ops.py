@@ -3,10 +3,11 @@
 Everything here is a plain jnp function of arrays: no module state, safe under `jax.jit`,
 `jax.grad` and `jax.vmap`. The Flax modules in `layers.py` hold the parameters and call these.
 
-Implementations: the convolutions, GELU and batch norm take `impl`. "cpu" (the default) is the
-form tuned on XLA:CPU (shifted slices, im2col, hand-written gradients, a fusion barrier); "xla" is
-XLA's own operations (grouped and strided convolutions, `jax.nn.gelu`, autodiff), the form other
-compilers and exporters (ONNX, LiteRT) know. Both compute the same function (tests/test_ops.py).
+Implementations: the convolutions, GELU and batch norm take `impl`. "cpu" is the form tuned on
+XLA:CPU (shifted slices, im2col, hand-written gradients, a fusion barrier); "xla" is XLA's own
+operations (grouped and strided convolutions, `jax.nn.gelu`, autodiff), the form other compilers
+and exporters (ONNX, LiteRT) know. Both compute the same function (tests/test_ops.py). Models take
+"auto" too, resolved once by `resolve_impl` from the devices the model will run on.
 
 Attention functions share one calling convention, `fn(params, x, ...) -> y` with tokens
 `x` of shape [B, N, D], so that `experiments/` can time them side by side. `params` is a nested
@@ -25,6 +26,17 @@ import jax.numpy as jnp
 Params = Mapping[str, object]
 
 IMPLEMENTATIONS = ("cpu", "xla")
+AUTO = "auto"
+
+
+def resolve_impl(impl: str, devices=None) -> str:
+    """"cpu" or "xla" for `impl`: itself, or for "auto" "cpu" when every one of `devices` is a CPU
+    (default: JAX's default devices) and "xla" otherwise. The trainer passes its mesh's devices,
+    so an ahead-of-time compile for a TPU from a CPU host gets the TPU's choice."""
+    if impl != AUTO:
+        return check_impl(impl)
+    devices = jax.devices() if devices is None else list(devices)
+    return "cpu" if all(d.platform == "cpu" for d in devices) else "xla"
 
 
 def check_impl(impl: str) -> str:
@@ -96,11 +108,11 @@ def materialize(x: jax.Array) -> jax.Array:
     -0.0 into +0.0, the only difference, and only when that first element is inf or NaN). Under
     `vmap` the conditional becomes a select: the same values, without the barrier.
 
-    Applied only when the default backend is the CPU, the backend it is tuned for: on GPUs a
-    conditional copies its predicate to the host and waits for it, and their fusion heuristics
-    differ; there (and for empty arrays) `x` passes through as it is.
+    Part of the "cpu" implementation only (never decided at trace time from the default backend,
+    which is the CPU while compiling for a TPU ahead of time): on GPUs and TPUs a conditional
+    copies its predicate to the host and waits for it. Empty arrays pass through as they are.
     """
-    if x.size == 0 or jax.default_backend() != "cpu":
+    if x.size == 0:
         return x
     finite = jnp.isfinite(x.reshape(-1)[0])
     return jax.lax.cond(finite, lambda v: v, lambda v: v + jnp.zeros((), v.dtype), x)

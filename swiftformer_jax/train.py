@@ -84,7 +84,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.dtype not in DTYPES:
         fail(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     spec = model_spec(config, num_classes=1)  # the class count comes from the data set
-    with config_keys("config.bn_group_size (0: whole global batch) / config.model.drop_*rate"):
+    with config_keys("config.bn_group_size (0: whole global batch) / config.model.drop_*rate / config.model.impl"):
         build_model(config, spec)
     with config_keys("config.augment"):
         augment_config(config)
@@ -244,10 +244,12 @@ def model_spec(config: ml_collections.ConfigDict, num_classes: int) -> ModelSpec
         return ModelSpec.named(config.model.variant, **heads)
 
 
-def build_model(config: ml_collections.ConfigDict, spec: ModelSpec) -> SwiftFormer:
+def build_model(config: ml_collections.ConfigDict, spec: ModelSpec, devices=None) -> SwiftFormer:
+    """The network to train; `config.model.impl` "auto" picks the ops for `devices` (the mesh's)."""
     return spec.build(
         dtype=DTYPES[config.dtype], bn_group_size=config.bn_group_size or None,
         drop_path_rate=config.model.drop_path_rate, drop_rate=config.model.drop_rate,
+        impl=config.model.impl, devices=devices,
     )
 
 
@@ -315,20 +317,22 @@ class Setup:
     teacher_variables: Any  # on the host; None without distillation
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
+def setup(config: ml_collections.ConfigDict, devices=None, process_count: int | None = None) -> Setup:
     """Check the config and build mesh, durations, model, teacher and optimizer.
 
     Everything that can be wrong with a config fails here, with a message naming the key: the
-    config itself, the batch sizes against the devices, the data set, the teacher.
+    config itself, the batch sizes against the devices, the data set, the teacher. `devices`
+    (default: every device of every process) and `process_count` (default: this job's) are for
+    compiling ahead of time for other machines (`aot.py`).
     """
     check_config(config)
-    mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
-    check_batch_sizes(config, mesh, jax.process_count())
+    mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
+    check_batch_sizes(config, mesh, jax.process_count() if process_count is None else process_count)
     data = input_pipeline.dataset_info(config.dataset, config.data_dir)
     steps = durations(config, data.num_train_examples)
     teacher, teacher_variables = load_teacher(config, data.num_classes)
     spec = model_spec(config, data.num_classes)
-    model = build_model(config, spec)
+    model = build_model(config, spec, mesh.devices.flat)
     tx, schedule = build_optimizer(config, steps, abstract_params(model, config.image_size))
     return Setup(mesh, data, steps, spec, model, tx, schedule, teacher, teacher_variables)
 
@@ -698,7 +702,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 log.info("Dropped %d metric records the interrupted run logged after step %d.", dropped, start_step)
         writer = metrics_lib.MetricWriter(workdir)
         num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
-        log.info("Model: %s, %s parameters, compute dtype %s.", spec.describe(), f"{num_params:,}", config.dtype)
+        log.info("Model: %s, %s parameters, compute dtype %s, %s ops.", spec.describe(), f"{num_params:,}",
+                 config.dtype, run.model.impl)
         teacher_variables, teacher_shardings = None, None
         if run.teacher is not None:
             teacher_shardings = sharding_lib.tree_shardings(run.teacher_variables, mesh, config.mesh.fsdp_min_size_mb)

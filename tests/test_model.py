@@ -1,6 +1,7 @@
 """SwiftFormer modules: every variant's shapes, gradients, parameter counts, modes and errors."""
 
 import functools
+import types
 
 import flax
 import jax
@@ -8,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from swiftformer_jax import VARIANTS, create_model, layers
-from swiftformer_jax.model import SwiftFormer, drop_path_rates
+from swiftformer_jax import VARIANTS, create_model, layers, ops
+from swiftformer_jax.model import ModelSpec, SwiftFormer, drop_path_rates
 
 # Trainable parameters of the PyTorch reference, 1000 classes, with the distillation head.
 PYTORCH_PARAMETER_COUNTS = {"XS": 3_475_360, "S": 6_092_128, "L1": 12_057_920, "L3": 28_494_736}
@@ -328,11 +329,21 @@ def test_malformed_images_raise_value_error(shape, dtype, message):
         (dict(num_classes=-1), "num_classes"),
         (dict(drop_path_rate=1.0), "drop_path_rate"),
         (dict(bn_group_size=0), "bn_group_size"),
+        (dict(impl="gpu"), "impl must be one of"),
     ],
 )
 def test_bad_model_arguments_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         create_model("S", **kwargs)
+
+
+def test_auto_impl_is_decided_by_the_devices_the_model_runs_on():
+    cpu, tpu, gpu = (types.SimpleNamespace(platform=p) for p in ("cpu", "tpu", "gpu"))
+    assert ops.resolve_impl("auto", [cpu, cpu]) == "cpu"
+    assert ops.resolve_impl("auto", [tpu, tpu]) == "xla" and ops.resolve_impl("auto", [gpu]) == "xla"
+    assert ops.resolve_impl("xla", [cpu]) == "xla" and ops.resolve_impl("cpu", [tpu]) == "cpu"
+    assert create_model("XS").impl == "cpu"  # this machine's default devices
+    assert ModelSpec.named("XS").build(devices=[tpu]).impl == "xla"  # e.g. a TPU mesh compiled from here
 
 
 # ---------------------------------------------------------------------------------------------

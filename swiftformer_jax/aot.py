@@ -1,0 +1,65 @@
+"""The trainer's own train step compiled ahead of time for devices this host need not have: a TPU
+topology from `libtpu` on a CPU host (`tpu_topology`), or this host's devices.
+
+`compile_train_step(config, devices)` builds the run exactly as `train.setup` does (model, `impl`
+from those devices, optimizer, mesh from `config.mesh`), takes the state and batch shardings from
+`sharding.py`'s rules, and lowers and compiles `train.jit_steps`' train step, the function training
+runs, donation included, from abstract arguments: nothing is allocated or run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from swiftformer_jax import sharding as sharding_lib
+from swiftformer_jax import train
+
+# What libtpu needs to make compile-only TPU devices on a host that is not a TPU VM (and to stay
+# quiet about it): set by `tpu_topology` unless already set.
+_COMPILE_ONLY_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost"}
+
+
+def tpu_topology(name: str) -> list:
+    """Compile-only devices of a TPU topology such as "v5e:2x2" or "v5e:16x16" (needs `libtpu`;
+    run with JAX_PLATFORMS=cpu on a host without TPUs)."""
+    for key, value in _COMPILE_ONLY_ENV.items():
+        os.environ.setdefault(key, value)
+    from jax.experimental import topologies
+
+    return list(topologies.get_topology_desc(name, "tpu").devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    compiled: Any  # jax.stages.Compiled: memory_analysis(), cost_analysis(), as_text()
+    run: train.Setup
+    state_shardings: Any
+    batch_sharding: Any
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices, *, process_count: int = 1) -> CompiledStep:
+    """Compile the train step of `config` for `devices` (as `train.train_and_evaluate` jits it)."""
+    run = train.setup(config, devices=devices, process_count=process_count)
+    rng = jax.random.key(config.seed)
+    abstract_state, state_shardings = train.abstract_train_state(run.model, run.tx, config, run.mesh, rng)
+    teacher_variables, teacher_shardings = None, None
+    if run.teacher is not None:
+        teacher_shardings = sharding_lib.tree_shardings(run.teacher_variables, run.mesh, config.mesh.fsdp_min_size_mb)
+        teacher_variables = sharding_lib.with_shardings(
+            jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), run.teacher_variables),
+            teacher_shardings)
+    train_step, _ = train.jit_steps(config, run.model, run.tx, run.schedule, run.data.num_classes, run.teacher,
+                                    run.mesh, state_shardings, teacher_shardings)
+    batch_sharding = sharding_lib.batch_sharding(run.mesh)
+    size = config.image_size
+    batch = {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sharding),
+             "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharding)}
+    key = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=sharding_lib.replicated(run.mesh))
+    compiled = train_step.lower(abstract_state, batch, key, teacher_variables).compile()
+    return CompiledStep(compiled, run, state_shardings, batch_sharding)

@@ -1,0 +1,71 @@
+"""The trainer's train step compiled for a TPU without a TPU: libtpu's compile-only devices of a
+v5e:2x2 topology, a data=2 x fsdp=2 mesh, the tiny network (`aot.compile_train_step`).
+
+libtpu is not installed into the environment (imported, it would try to start a TPU in every CPU
+run): `.ci/run` and the README put it in `.venv/tpu-compiler`, and only the subprocess here
+loads it, through TPU_LIBRARY_PATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from conftest import REPO
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+LIBTPU = os.environ.get("TPU_LIBRARY_PATH") or os.path.join(REPO, ".venv", "tpu-compiler", "libtpu", "libtpu.so")
+INSTALL = "pip install --no-deps --target .venv/tpu-compiler -r requirements-tpu.txt"
+
+PROGRAM = textwrap.dedent(r"""
+    import json, sys
+    sys.path[:0] = [REPO, TESTS]
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from conftest import tiny_config
+    from swiftformer_jax import aot, sharding, train
+
+    devices = aot.tpu_topology("v5e:2x2")
+    config = tiny_config(DATA_DIR, mesh__data=2, mesh__fsdp=2, mesh__fsdp_min_size_mb=0.0)
+    step = aot.compile_train_step(config, devices)
+    mesh = step.run.mesh
+    (state_in, batch_in, *_), _ = step.compiled.input_shardings
+    params = train.abstract_params(step.run.model, config.image_size)
+    rule_mismatches, fsdp_leaves = [], 0
+    for (path, leaf), compiled in zip(jax.tree_util.tree_leaves_with_path(params),
+                                      jax.tree_util.tree_leaves(state_in.params)):
+        spec = sharding.leaf_spec(leaf.shape, np.dtype(leaf.dtype).itemsize, 2, 0.0)
+        fsdp_leaves += "fsdp" in spec
+        if not compiled.is_equivalent_to(NamedSharding(mesh, spec), len(leaf.shape)):
+            rule_mismatches.append(jax.tree_util.keystr(path))
+    memory = step.compiled.memory_analysis()
+    print("RESULT " + json.dumps({
+        "platforms": sorted({d.platform for d in mesh.devices.flat}), "mesh": dict(mesh.shape),
+        "impl": step.run.model.impl, "params": len(jax.tree_util.tree_leaves(params)), "fsdp_leaves": fsdp_leaves,
+        "rule_mismatches": rule_mismatches,
+        "batch_is_split": batch_in["image"].is_equivalent_to(sharding.batch_sharding(mesh), 4),
+        "temp_bytes": memory.temp_size_in_bytes, "argument_bytes": memory.argument_size_in_bytes,
+        "flops": step.compiled.cost_analysis().get("flops", 0.0),
+        "all_reduces": step.compiled.as_text().count("all-reduce("),
+    }))
+""")
+
+
+def test_train_step_compiles_for_a_tpu_slice_without_one(digits_data_dir):
+    assert os.path.isfile(LIBTPU), f"libtpu is missing at {LIBTPU}: install it with `{INSTALL}`"
+    code = f"REPO, TESTS, DATA_DIR = {REPO!r}, {TESTS!r}, {digits_data_dir!r}\n" + PROGRAM
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_LIBRARY_PATH": LIBTPU, "TPU_ACCELERATOR_TYPE": "v5litepod-4"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    r = json.loads(lines[-1][len("RESULT "):])
+    assert r["platforms"] == ["tpu"] and r["mesh"] == {"data": 2, "fsdp": 2}
+    assert r["impl"] == "xla"  # "auto", decided by the mesh's devices
+    assert r["rule_mismatches"] == [] and r["fsdp_leaves"] > r["params"] // 2  # sharding.py's rules, compiled in
+    assert r["batch_is_split"]
+    assert r["temp_bytes"] > 0 and r["argument_bytes"] > 0 and r["flops"] > 0  # the TPU compiler's analyses
+    assert r["all_reduces"] > 0  # gradients and batch statistics meet across the data axis
