@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from swiftformer_jax import input_pipeline, train
 from swiftformer_jax import sharding as sharding_lib
-from swiftformer_jax import train
 
 # What libtpu needs to make compile-only TPU devices on a host that is not a TPU VM (and to stay
 # quiet about it): set by `tpu_topology` unless already set.
@@ -43,9 +43,16 @@ class CompiledStep:
     batch_sharding: Any
 
 
-def compile_train_step(config: ml_collections.ConfigDict, devices, *, process_count: int = 1) -> CompiledStep:
-    """Compile the train step of `config` for `devices` (as `train.train_and_evaluate` jits it)."""
-    run = train.setup(config, devices=devices, process_count=process_count)
+# ImageNet-1k's sizes, for compiling the official recipe without the data set at hand.
+IMAGENET = input_pipeline.DatasetInfo(num_train_examples=1_281_167, num_eval_examples=50_000, num_classes=1000)
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices, *, process_count: int = 1,
+                       data: input_pipeline.DatasetInfo | None = None) -> CompiledStep:
+    """Compile the train step of `config` for `devices` (as `train.train_and_evaluate` jits it).
+
+    `data` gives the data set's sizes (e.g. `IMAGENET`) instead of reading them from the data set."""
+    run = train.setup(config, devices=devices, process_count=process_count, data=data)
     rng = jax.random.key(config.seed)
     abstract_state, state_shardings = train.abstract_train_state(run.model, run.tx, config, run.mesh, rng)
     teacher_variables, teacher_shardings = None, None

@@ -317,18 +317,20 @@ class Setup:
     teacher_variables: Any  # on the host; None without distillation
 
 
-def setup(config: ml_collections.ConfigDict, devices=None, process_count: int | None = None) -> Setup:
+def setup(config: ml_collections.ConfigDict, devices=None, process_count: int | None = None,
+          data: input_pipeline.DatasetInfo | None = None) -> Setup:
     """Check the config and build mesh, durations, model, teacher and optimizer.
 
     Everything that can be wrong with a config fails here, with a message naming the key: the
     config itself, the batch sizes against the devices, the data set, the teacher. `devices`
-    (default: every device of every process) and `process_count` (default: this job's) are for
-    compiling ahead of time for other machines (`aot.py`).
+    (default: every device of every process), `process_count` (default: this job's) and `data`
+    (default: read from the data set) are for compiling ahead of time for other machines (`aot.py`).
     """
     check_config(config)
     mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
     check_batch_sizes(config, mesh, jax.process_count() if process_count is None else process_count)
-    data = input_pipeline.dataset_info(config.dataset, config.data_dir)
+    if data is None:
+        data = input_pipeline.dataset_info(config.dataset, config.data_dir)
     steps = durations(config, data.num_train_examples)
     teacher, teacher_variables = load_teacher(config, data.num_classes)
     spec = model_spec(config, data.num_classes)
