@@ -10,6 +10,7 @@ runs, donation included, from abstract arguments: nothing is allocated or run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -25,11 +26,24 @@ from swiftformer_jax import sharding as sharding_lib
 _COMPILE_ONLY_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost"}
 
 
+def accelerator_type(topology: str) -> str | None:
+    """Cloud TPU's accelerator-type name of a topology ("v5e:4x4" -> "v5litepod-16"; v4 and v5p
+    count TensorCores, two per chip), or None for a name it does not know."""
+    family, _, dims = topology.partition(":")
+    try:
+        chips = math.prod(int(d) for d in dims.split("x"))
+    except ValueError:
+        return None
+    names = {"v5e": f"v5litepod-{chips}", "v6e": f"v6e-{chips}", "v4": f"v4-{2 * chips}", "v5p": f"v5p-{2 * chips}"}
+    return names.get(family)
+
+
 def tpu_topology(name: str) -> list:
     """Compile-only devices of a TPU topology such as "v5e:2x2" or "v5e:16x16" (needs `libtpu`;
     run with JAX_PLATFORMS=cpu on a host without TPUs)."""
-    for key, value in _COMPILE_ONLY_ENV.items():
-        os.environ.setdefault(key, value)
+    for key, value in {**_COMPILE_ONLY_ENV, "TPU_ACCELERATOR_TYPE": accelerator_type(name)}.items():
+        if value is not None:
+            os.environ.setdefault(key, value)
     from jax.experimental import topologies
 
     return list(topologies.get_topology_desc(name, "tpu").devices)
@@ -47,12 +61,24 @@ class CompiledStep:
 IMAGENET = input_pipeline.DatasetInfo(num_train_examples=1_281_167, num_eval_examples=50_000, num_classes=1000)
 
 
+def abstract_teacher(config: ml_collections.ConfigDict, spec) -> tuple[Any, Any]:
+    """(model, variables as ShapeDtypeStructs) of a teacher described by `spec` (a `ModelSpec` or
+    `regnet.RegNetSpec`), built as `train.load_teacher` builds a loaded one: no weights needed."""
+    dtype = config.distillation.teacher_dtype or config.dtype
+    if dtype not in train.DTYPES:
+        raise train.ConfigError(f"config.distillation.teacher_dtype must be '' (config.dtype) or one of "
+                                f"{sorted(train.DTYPES)}, got {dtype!r}")
+    return spec.build(dtype=train.DTYPES[dtype]), spec.abstract_variables()
+
+
 def compile_train_step(config: ml_collections.ConfigDict, devices, *, process_count: int = 1,
-                       data: input_pipeline.DatasetInfo | None = None) -> CompiledStep:
+                       data: input_pipeline.DatasetInfo | None = None, teacher_spec=None) -> CompiledStep:
     """Compile the train step of `config` for `devices` (as `train.train_and_evaluate` jits it).
 
-    `data` gives the data set's sizes (e.g. `IMAGENET`) instead of reading them from the data set."""
-    run = train.setup(config, devices=devices, process_count=process_count, data=data)
+    `data` gives the data set's sizes (e.g. `IMAGENET`) instead of reading them from the data set;
+    `teacher_spec` the distillation teacher's architecture instead of loading its checkpoint."""
+    teacher = None if teacher_spec is None else abstract_teacher(config, teacher_spec)
+    run = train.setup(config, devices=devices, process_count=process_count, data=data, teacher=teacher)
     rng = jax.random.key(config.seed)
     abstract_state, state_shardings = train.abstract_train_state(run.model, run.tx, config, run.mesh, rng)
     teacher_variables, teacher_shardings = None, None

@@ -70,8 +70,9 @@ def config_keys(keys: str):
         raise ConfigError(f"{keys}: {error}") from None
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict, *, teacher_given: bool = False) -> None:
     """Every check that needs neither data nor devices. Raises ConfigError naming the key.
+    `teacher_given`: the caller supplies the teacher, so config.distillation.teacher is not read.
 
     The components check their own settings (the model spec, augmentation, mixup, clipping, the
     distillation loss): here they are built once from the config, so their errors come before any
@@ -103,7 +104,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     d = config.distillation
     with config_keys("config.distillation"):
         losses.check_distillation(d.kind, alpha=d.alpha, tau=d.tau)
-    if d.kind != "none" and not d.teacher:
+    if d.kind != "none" and not d.teacher and not teacher_given:
         fail(
             f"config.distillation.kind={d.kind!r} needs a teacher, and config.distillation.teacher is "
             "empty. The official recipe distils from DeiT's RegNetY-160: download "
@@ -113,7 +114,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "(a PyTorch file, another imported directory or a workdir of this trainer is a teacher too), "
             "or train without distillation (--config.distillation.kind=none)"
         )
-    if d.kind != "none" and not paths.exists(d.teacher):
+    if d.kind != "none" and not teacher_given and not paths.exists(d.teacher):
         fail(
             f"config.distillation.teacher={d.teacher!r} does not exist. The official teacher is DeiT's "
             "RegNetY-160: download https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth and "
@@ -318,21 +319,25 @@ class Setup:
 
 
 def setup(config: ml_collections.ConfigDict, devices=None, process_count: int | None = None,
-          data: input_pipeline.DatasetInfo | None = None) -> Setup:
+          data: input_pipeline.DatasetInfo | None = None, teacher: tuple | None = None) -> Setup:
     """Check the config and build mesh, durations, model, teacher and optimizer.
 
     Everything that can be wrong with a config fails here, with a message naming the key: the
     config itself, the batch sizes against the devices, the data set, the teacher. `devices`
     (default: every device of every process), `process_count` (default: this job's) and `data`
-    (default: read from the data set) are for compiling ahead of time for other machines (`aot.py`).
+    (default: read from the data set) are for compiling ahead of time for other machines (`aot.py`),
+    as is `teacher`, a (model, variables) pair used instead of loading `config.distillation.teacher`.
     """
-    check_config(config)
+    check_config(config, teacher_given=teacher is not None)
     mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
     check_batch_sizes(config, mesh, jax.process_count() if process_count is None else process_count)
     if data is None:
         data = input_pipeline.dataset_info(config.dataset, config.data_dir)
     steps = durations(config, data.num_train_examples)
-    teacher, teacher_variables = load_teacher(config, data.num_classes)
+    if teacher is None or config.distillation.kind == "none":
+        teacher, teacher_variables = load_teacher(config, data.num_classes)
+    else:
+        teacher, teacher_variables = teacher
     spec = model_spec(config, data.num_classes)
     model = build_model(config, spec, mesh.devices.flat)
     tx, schedule = build_optimizer(config, steps, abstract_params(model, config.image_size))

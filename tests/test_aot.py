@@ -22,12 +22,13 @@ INSTALL = "pip install --no-deps --target .venv/tpu-compiler -r requirements-tpu
 
 PROGRAM = textwrap.dedent(r"""
     import json, sys
-    sys.path[:0] = [REPO, TESTS]
+    sys.path[:0] = [REPO, TESTS, REPO + "/experiments"]
     import jax
     import numpy as np
     from jax.sharding import NamedSharding
     from conftest import tiny_config
     from swiftformer_jax import aot, sharding, train
+    import tpu_plan
 
     devices = aot.tpu_topology("v5e:2x2")
     config = tiny_config(None, mesh__data=2, mesh__fsdp=2, mesh__fsdp_min_size_mb=0.0)
@@ -43,6 +44,10 @@ PROGRAM = textwrap.dedent(r"""
         if not compiled.is_equivalent_to(NamedSharding(mesh, spec), len(leaf.shape)):
             rule_mismatches.append(jax.tree_util.keystr(path))
     memory = step.compiled.memory_analysis()
+    comms = tpu_plan.summarize_collectives(tpu_plan.collectives(step.compiled.as_text(), 4))
+    abstract_state, _ = train.abstract_train_state(step.run.model, step.run.tx, config, mesh, jax.random.key(0))
+    state_bytes = tpu_plan.state_bytes_per_chip(abstract_state, step.state_shardings)
+    full_param_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(params))
     print("RESULT " + json.dumps({
         "platforms": sorted({d.platform for d in mesh.devices.flat}), "mesh": dict(mesh.shape),
         "impl": step.run.model.impl, "classes": step.run.spec.num_classes, "params": len(jax.tree_util.tree_leaves(params)), "fsdp_leaves": fsdp_leaves,
@@ -51,6 +56,7 @@ PROGRAM = textwrap.dedent(r"""
         "temp_bytes": memory.temp_size_in_bytes, "argument_bytes": memory.argument_size_in_bytes,
         "flops": step.compiled.cost_analysis().get("flops", 0.0),
         "all_reduces": step.compiled.as_text().count("all-reduce("),
+        "comms": comms, "param_bytes_per_chip": state_bytes["params"], "full_param_bytes": int(full_param_bytes),
     }))
 """)
 
@@ -70,3 +76,32 @@ def test_train_step_compiles_for_a_tpu_slice_without_one():
     assert r["batch_is_split"]
     assert r["temp_bytes"] > 0 and r["argument_bytes"] > 0 and r["flops"] > 0  # the TPU compiler's analyses
     assert r["all_reduces"] > 0  # gradients and batch statistics meet across the data axis
+    # experiments/tpu_plan.py's reading of the same program: the data axis all-reduces (group 2
+    # or the whole slice), the fsdp axis gathers parameters, and a chip holds about half of them.
+    assert r["comms"]["all-reduce"]["ring_bytes"] > 0 and r["comms"]["all-gather"]["count"] > 0
+    assert set(r["comms"]["all-reduce"]["groups"]) <= {2, 4}
+    assert r["full_param_bytes"] / 2 <= r["param_bytes_per_chip"] < 0.75 * r["full_param_bytes"]
+
+
+def test_accelerator_type_names_the_cloud_tpu_slice():
+    from swiftformer_jax import aot
+
+    assert aot.accelerator_type("v5e:4x4") == "v5litepod-16" and aot.accelerator_type("v5e:16x16") == "v5litepod-256"
+    assert aot.accelerator_type("v4:2x2x1") == "v4-8"  # v4 and v5p count TensorCores
+    assert aot.accelerator_type("v9z:2x2") is None and aot.accelerator_type("v5e") is None
+
+
+def test_an_abstract_teacher_takes_the_place_of_a_checkpoint():
+    """The planner compiles distillation without teacher weights: `train.setup(teacher=...)`."""
+    import jax
+
+    from conftest import tiny_config
+    from swiftformer_jax import aot, regnet, train
+
+    config = tiny_config(None, distillation__kind="hard", distillation__teacher="/no/such/teacher",
+                         distillation__teacher_dtype="bfloat16")
+    spec = regnet.RegNetSpec.named("regnety_160", num_classes=1000)
+    run = train.setup(config, data=aot.IMAGENET, teacher=aot.abstract_teacher(config, spec))
+    assert isinstance(run.teacher, regnet.RegNetY) and run.teacher.dtype == jax.numpy.bfloat16
+    leaves = jax.tree_util.tree_leaves(run.teacher_variables)
+    assert leaves and all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)

@@ -389,3 +389,33 @@ print(json.dumps(seen))
         "benchmark --keep-ynn-fusion": [None, "false"],
         "benchmark": [flags, "false"],
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# tpu_plan.py: reading the TPU compiler's HLO (the compile itself is in test_aot.py)
+# ----------------------------------------------------------------------------------------------
+
+HLO_COLLECTIVES = """
+  %all-reduce.1 = f32[1024]{0:T(1024)} all-reduce(%p), channel_id=1, replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, to_apply=%add
+  %all-gather.2 = bf16[3,3,16,16]{2,3,1,0:T(8,128)(2,1)} all-gather(%q), channel_id=2, replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=2], device_ids=([2,2]T(1,0)) {'axis_1'}, dimensions={3}
+  %all-gather.3 = bf16[3,3,16,16]{2,3,1,0:T(8,128)(2,1)S(1)} all-gather(%q2), channel_id=2, replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=2], device_ids=([2,2]T(1,0)) {'axis_1'}, dimensions={3}
+  %reduce-scatter.4 = f32[64]{0} reduce-scatter(%r), channel_id=4, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+  %all-to-all.5 = f32[8,12]{1,0} all-to-all(%s), channel_id=5, replica_groups=[4,2]<=[8], dimensions={0}
+  %cp = (f32[8,12]{1,0:T(8,128)S(1)}, f32[8,12]{1,0:T(8,128)}, u32[]{:S(2)}) collective-permute-start(%w), channel_id=6, source_target_pairs={{0,1},{1,0}}
+  %cpd = f32[8,12]{1,0} collective-permute-done(%cp)
+  %all-reduce.7 = f32[10]{0} all-reduce(%t), replica_groups={}, to_apply=%add
+"""
+
+
+def test_tpu_plan_reads_every_collective_once_with_its_group_and_ring_bytes():
+    import tpu_plan
+
+    found = tpu_plan.collectives(HLO_COLLECTIVES, 8)
+    summary = tpu_plan.summarize_collectives(found)
+    assert summary["all-reduce"]["count"] == 2 and sorted(summary["all-reduce"]["groups"]) == [4, 8]
+    assert summary["all-reduce"]["ring_bytes"] == pytest.approx(2 * 3 / 4 * 4096 + 2 * 7 / 8 * 40)
+    assert summary["all-gather"]["count"] == 1  # one channel cloned into two computations
+    assert summary["all-gather"] == {"count": 1, "payload_bytes": 3 * 3 * 16 * 16 * 2, "ring_bytes": 4608 / 2, "groups": [2]}
+    assert summary["reduce-scatter"]["payload_bytes"] == 64 * 4 * 4  # the scattered input: result x group
+    assert summary["all-to-all"]["groups"] == [2]
+    assert summary["collective-permute"] == {"count": 1, "payload_bytes": 384, "ring_bytes": 384.0, "groups": [2]}
