@@ -335,8 +335,7 @@ def fit_batch(config, devices, process_count, teacher_spec, first_peak: int, chi
 
 
 def plan(config, topology: str, teacher: str, with_fit: bool) -> dict:
-    import jax
-    from swiftformer_jax import aot, regnet, train
+    from swiftformer_jax import aot, regnet
     from swiftformer_jax.model import ModelSpec
 
     chip = _chip(topology)
@@ -361,7 +360,6 @@ def plan(config, topology: str, teacher: str, with_fit: bool) -> dict:
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
     hlo = compiled.as_text()
     found = collectives(hlo, chips)
-    abstract_state, _ = train.abstract_train_state(run.model, run.tx, config, run.mesh, jax.random.key(0))
     flops, bytes_accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     ring_bytes = sum(c["ring_bytes"] for c in found)
     per_chip = config.batch_size // chips
@@ -371,7 +369,7 @@ def plan(config, topology: str, teacher: str, with_fit: bool) -> dict:
     total_steps = run.steps.total_steps
     record.update({
         "impl": run.model.impl, "mesh": {**record["mesh"], **dict(run.mesh.shape)}, "compile_s": seconds,
-        "state_bytes": state_bytes_per_chip(abstract_state, step.state_shardings),
+        "state_bytes": state_bytes_per_chip(step.abstract_state, step.state_shardings),
         "memory": {"argument": memory.argument_size_in_bytes, "output": memory.output_size_in_bytes,
                    "alias": memory.alias_size_in_bytes, "temp": memory.temp_size_in_bytes,
                    "generated_code": memory.generated_code_size_in_bytes, "peak": _peak(memory),

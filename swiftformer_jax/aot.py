@@ -53,6 +53,7 @@ def tpu_topology(name: str) -> list:
 class CompiledStep:
     compiled: Any  # jax.stages.Compiled: memory_analysis(), cost_analysis(), as_text()
     run: train.Setup
+    abstract_state: Any  # the TrainState as ShapeDtypeStructs carrying their shardings
     state_shardings: Any
     batch_sharding: Any
 
@@ -64,11 +65,7 @@ IMAGENET = input_pipeline.DatasetInfo(num_train_examples=1_281_167, num_eval_exa
 def abstract_teacher(config: ml_collections.ConfigDict, spec) -> tuple[Any, Any]:
     """(model, variables as ShapeDtypeStructs) of a teacher described by `spec` (a `ModelSpec` or
     `regnet.RegNetSpec`), built as `train.load_teacher` builds a loaded one: no weights needed."""
-    dtype = config.distillation.teacher_dtype or config.dtype
-    if dtype not in train.DTYPES:
-        raise train.ConfigError(f"config.distillation.teacher_dtype must be '' (config.dtype) or one of "
-                                f"{sorted(train.DTYPES)}, got {dtype!r}")
-    return spec.build(dtype=train.DTYPES[dtype]), spec.abstract_variables()
+    return spec.build(dtype=train.teacher_dtype(config)), spec.abstract_variables()
 
 
 def compile_train_step(config: ml_collections.ConfigDict, devices, *, process_count: int = 1,
@@ -95,4 +92,4 @@ def compile_train_step(config: ml_collections.ConfigDict, devices, *, process_co
              "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharding)}
     key = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=sharding_lib.replicated(run.mesh))
     compiled = train_step.lower(abstract_state, batch, key, teacher_variables).compile()
-    return CompiledStep(compiled, run, state_shardings, batch_sharding)
+    return CompiledStep(compiled, run, abstract_state, state_shardings, batch_sharding)

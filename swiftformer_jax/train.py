@@ -254,6 +254,15 @@ def build_model(config: ml_collections.ConfigDict, spec: ModelSpec, devices=None
     )
 
 
+def teacher_dtype(config: ml_collections.ConfigDict):
+    """The teacher's compute dtype: `config.distillation.teacher_dtype`, '' meaning `config.dtype`."""
+    name = config.distillation.teacher_dtype or config.dtype
+    if name not in DTYPES:
+        raise ConfigError(f"config.distillation.teacher_dtype must be '' (config.dtype) or one of "
+                          f"{sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 def load_teacher(config: ml_collections.ConfigDict, num_classes: int):
     """(teacher model, its variables on the host) or (None, None) without distillation.
 
@@ -264,13 +273,10 @@ def load_teacher(config: ml_collections.ConfigDict, num_classes: int):
     if config.distillation.kind == "none":
         return None, None
     path = config.distillation.teacher
-    dtype = config.distillation.teacher_dtype or config.dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"config.distillation.teacher_dtype must be '' (config.dtype) or one of "
-                          f"{sorted(DTYPES)}, got {dtype!r}")
+    dtype = teacher_dtype(config)
     try:
         teacher, variables, spec = checkpoint_lib.load_checkpoint(
-            path, ema=config.distillation.teacher_ema, dtype=DTYPES[dtype])
+            path, ema=config.distillation.teacher_ema, dtype=dtype)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"config.distillation.teacher={path!r} cannot be loaded: {error}") from None
     if not spec.has_classifier:

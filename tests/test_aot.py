@@ -45,8 +45,7 @@ PROGRAM = textwrap.dedent(r"""
             rule_mismatches.append(jax.tree_util.keystr(path))
     memory = step.compiled.memory_analysis()
     comms = tpu_plan.summarize_collectives(tpu_plan.collectives(step.compiled.as_text(), 4))
-    abstract_state, _ = train.abstract_train_state(step.run.model, step.run.tx, config, mesh, jax.random.key(0))
-    state_bytes = tpu_plan.state_bytes_per_chip(abstract_state, step.state_shardings)
+    state_bytes = tpu_plan.state_bytes_per_chip(step.abstract_state, step.state_shardings)
     full_param_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(params))
     print("RESULT " + json.dumps({
         "platforms": sorted({d.platform for d in mesh.devices.flat}), "mesh": dict(mesh.shape),
