@@ -315,6 +315,9 @@ def fit_batch(config, devices, process_count, teacher_spec, first_peak: int, chi
         return {"error": f"batch {half} does not fit: {seconds}"}
     small_peak = _peak(step.compiled.memory_analysis())
     per_image = (first_peak - small_peak) / (config.batch_size - half)  # per global image (chips see 1/chips each)
+    if per_image <= 0:
+        return {"error": f"peak memory does not grow with the batch ({small_peak} bytes at {half}, "
+                         f"{first_peak} at {config.batch_size}): no affine fit to extrapolate"}
     fixed = first_peak - per_image * config.batch_size
     predicted = int((chip.hbm_bytes - fixed) / per_image) // unit * unit
     tries = []
