@@ -1,5 +1,6 @@
 """The trainer's own train step compiled ahead of time for devices this host need not have: a TPU
-topology from `libtpu` on a CPU host (`tpu_topology`), or this host's devices.
+topology from `libtpu` on a CPU host (`tpu_topology`), NVIDIA GPUs from the CUDA plugin and a
+device description (`gpu_topology`), or this host's devices.
 
 `compile_train_step(config, devices)` builds the run exactly as `train.setup` does (model, `impl`
 from those devices, optimizer, mesh from `config.mesh`), takes the state and batch shardings from
@@ -47,6 +48,58 @@ def tpu_topology(name: str) -> list:
     from jax.experimental import topologies
 
     return list(topologies.get_topology_desc(name, "tpu").devices)
+
+
+# XLA's description of a GPU (its stream executor's DeviceDescription, as a GpuTargetConfig text
+# proto): what the GPU compiler would read from the device. NVIDIA H100 SXM5 80GB: compute
+# capability 9.0, 132 SMs, 50 MiB L2, 80 GB HBM3 (79.1 GiB usable) at 3.35 TB/s, 1.98 GHz boost;
+# CUDA 12.8 and cuDNN 9.8, the versions jax-cuda12-plugin 0.10.2 is built for.
+GPU_TARGETS = {
+    "h100": """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84929347584
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+""",
+}
+
+
+def gpu_topology(name: str) -> list:
+    """Compile-only NVIDIA GPUs: "h100:PxHxD" is P partitions of H hosts with D GPUs each (the CUDA
+    plugin's topology shape), e.g. "h100:1x1x8" for one 8-GPU host. Needs jax-cuda12-plugin and
+    jax-cuda12-pjrt importable (requirements-gpu.txt) and, on a host without a GPU,
+    JAX_PLATFORMS=cpu and JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 set before JAX starts (the plugin
+    otherwise insists on loading the CUDA runtime)."""
+    family, _, shape = name.partition(":")
+    if family not in GPU_TARGETS:
+        raise ValueError(f"GPU topology {name!r}: no device description for {family!r} (known: {sorted(GPU_TARGETS)})")
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(platform="cuda", topology=shape, target_config=GPU_TARGETS[family]).devices)
+    except NotImplementedError as error:  # JAX has no "cuda" platform: the plugin is not importable
+        raise RuntimeError(f"GPU topology {name!r}: the CUDA plugin is not loaded ({error}); install "
+                           "requirements-gpu.txt and set JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 on a host without a GPU") from error
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,6 +82,55 @@ def test_train_step_compiles_for_a_tpu_slice_without_one():
     assert r["full_param_bytes"] / 2 <= r["param_bytes_per_chip"] < 0.75 * r["full_param_bytes"]
 
 
+GPU_COMPILER = os.path.join(REPO, ".venv", "gpu-compiler")
+INSTALL_GPU = "pip install --no-deps --target .venv/gpu-compiler -r requirements-gpu.txt"
+
+GPU_PROGRAM = textwrap.dedent(r"""
+    import json, sys
+    sys.path[:0] = [REPO, TESTS, REPO + "/experiments"]
+    from conftest import tiny_config
+    from swiftformer_jax import aot
+    import tpu_plan
+
+    devices = aot.gpu_topology("h100:1x1x2")
+    config = tiny_config(None, mesh__data=2, mesh__fsdp=1)
+    step = aot.compile_train_step(config, devices, data=aot.IMAGENET)
+    hlo = step.compiled.as_text()
+    memory = step.compiled.memory_analysis()
+    print("RESULT " + json.dumps({
+        "kinds": sorted({d.device_kind for d in step.run.mesh.devices.flat}), "impl": step.run.model.impl,
+        "temp_bytes": memory.temp_size_in_bytes, "cudnn_convolutions": hlo.count("__cudnn$conv"),
+        "matmul_flops": tpu_plan.matmul_flops(hlo), "hbm_bytes": tpu_plan.memory_traffic(hlo)["hbm_bytes"],
+        "all_reduces": tpu_plan.summarize_collectives(tpu_plan.collectives(hlo, 2)).get("all-reduce", {}).get("count", 0),
+    }))
+""")
+
+
+def test_train_step_compiles_for_gpus_without_one():
+    """The CUDA plugin compiles for an H100 from its device description (`aot.GPU_TARGETS`) on
+    this CPU host: the GPU program, cuDNN convolutions and NCCL all-reduces included."""
+    assert os.path.isdir(os.path.join(GPU_COMPILER, "jax_plugins")), f"the CUDA plugin is missing: `{INSTALL_GPU}`"
+    code = f"REPO, TESTS = {REPO!r}, {TESTS!r}\n" + GPU_PROGRAM
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
+           "PYTHONPATH": os.pathsep.join([GPU_COMPILER, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    r = json.loads(lines[-1][len("RESULT "):])
+    assert r["kinds"] == ["NVIDIA H100 80GB HBM3"] and r["impl"] == "xla"
+    assert r["temp_bytes"] > 0 and r["cudnn_convolutions"] > 0 and r["all_reduces"] > 0
+    assert r["matmul_flops"] > 0 and r["hbm_bytes"] > 0
+
+
+def test_an_unknown_gpu_is_named():
+    import pytest
+
+    from swiftformer_jax import aot
+
+    with pytest.raises(ValueError, match="'a100'"):
+        aot.gpu_topology("a100:1x1x8")
+
+
 def test_accelerator_type_names_the_cloud_tpu_slice():
     from swiftformer_jax import aot
 

@@ -419,3 +419,75 @@ def test_tpu_plan_reads_every_collective_once_with_its_group_and_ring_bytes():
     assert summary["reduce-scatter"]["payload_bytes"] == 64 * 4 * 4  # the scattered input: result x group
     assert summary["all-to-all"]["groups"] == [2]
     assert summary["collective-permute"] == {"count": 1, "payload_bytes": 384, "ring_bytes": 384.0, "groups": [2]}
+
+
+HLO_LOOP = """
+%body (p: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %p = (s32[], f32[256]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[256]{0} get-tuple-element(%p), index=1
+  %y = f32[256]{0} fusion(%x), kind=kLoop, calls=%f
+  %ag = f32[512]{0} all-gather(%y), channel_id=9, replica_groups={{0,1}}, dimensions={0}
+  ROOT %t = (s32[], f32[256]{0}) tuple(%i, %y)
+}
+
+%cond (p.1: (s32[], f32[256])) -> pred[] {
+  %p.1 = (s32[], f32[256]{0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i.1, %n), direction=LT
+}
+
+ENTRY %main (a: f32[256]) -> f32[3,100] {
+  %a = f32[256]{0} parameter(0)
+  %c = (f32[256]{0}, f32[256]{0:S(1)}, u32[]{:S(2)}) copy-start(%a)
+  %d = f32[256]{0:S(1)} copy-done(%c)
+  %zero = s32[] constant(0)
+  %tuple = (s32[], f32[256]{0}) tuple(%zero, %a)
+  %w = (s32[], f32[256]{0}) while(%tuple), condition=%cond, body=%body
+  ROOT %e = f32[3,100]{1,0:T(8,128)} fusion(%d), kind=kLoop, calls=%g
+}
+"""
+
+
+def test_tpu_plan_memory_traffic_splits_hbm_from_on_chip_and_counts_loops_per_trip():
+    import tpu_plan
+
+    traffic = tpu_plan.memory_traffic(HLO_LOOP)
+    copy_in = 256 * 4  # read from HBM, written on chip
+    padded_result = 8 * 128 * 4  # f32[3,100] in (8,128) tiles
+    loop = 4 * (2 * 256 * 4 + 512 * 4 + 256 * 4)  # fusion and all-gather, both in HBM, 4 trips
+    assert traffic["hbm_bytes"] == copy_in + padded_result + loop
+    assert traffic["on_chip_bytes"] == copy_in + 256 * 4  # the copy's destination, the fusion's operand
+    assert traffic["loops_without_trip_count"] == []
+    assert traffic["hbm_bytes_by_opcode"]["all-gather"] == 4 * 3 * 256 * 4
+    gathers = tpu_plan.summarize_collectives(tpu_plan.collectives(HLO_LOOP, 2))["all-gather"]
+    assert gathers["count"] == 1 and gathers["ring_bytes"] == 4 * 512 * 4 / 2  # once per trip
+
+
+HLO_GPU_MATMULS = """
+%gemm (p0: bf16[64,32], p1: bf16[32,16]) -> bf16[64,16] {
+  %p0 = bf16[64,32]{1,0} parameter(0)
+  %p1 = bf16[32,16]{1,0} parameter(1)
+  ROOT %d = bf16[64,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (x: bf16[8,16,16,4], w: bf16[3,3,4,8], a: bf16[64,32], b: bf16[32,16], gy: bf16[8,16,16,8]) -> bf16[64,16] {
+  %x = bf16[8,16,16,4]{3,2,1,0} parameter(0)
+  %w = bf16[3,3,4,8]{3,2,1,0} parameter(1)
+  %a = bf16[64,32]{1,0} parameter(2)
+  %b = bf16[32,16]{1,0} parameter(3)
+  %gy = bf16[8,16,16,8]{3,2,1,0} parameter(4)
+  %c = (bf16[8,16,16,8]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convForward"
+  %gw = (bf16[3,3,4,8]{3,2,1,0}, u8[0]{0}) custom-call(%x, %gy), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convBackwardFilter"
+  ROOT %f = bf16[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm
+}
+"""
+
+
+def test_tpu_plan_counts_the_gpu_programs_dot_and_convolution_flops():
+    import tpu_plan
+
+    dot = 2 * 64 * 16 * 32
+    conv = 2 * (8 * 16 * 16 * 8) * (3 * 3 * 4)  # per output element: a 3x3 window over 4 input features
+    assert tpu_plan.matmul_flops(HLO_GPU_MATMULS) == dot + 2 * conv  # forward and filter gradient alike
