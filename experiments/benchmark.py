@@ -86,8 +86,10 @@ from swiftformer_jax.model import VARIANTS  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 
+# jax-*: the model's default implementation (impl="auto": "cpu" on a CPU, "xla" on a GPU);
+# jax-xla-*: impl="xla" whatever the device, to measure the per-backend choice.
 CONFIGS = (
-    "jax-f32", "jax-bf16",
+    "jax-f32", "jax-bf16", "jax-xla-f32", "jax-xla-bf16",
     "torch-eager-f32", "torch-eager-bf16", "torch-compile-f32", "torch-compile-bf16",
 )
 TASKS = ("latency", "idle_latency", "inference", "train")
@@ -434,12 +436,13 @@ class JaxCase:
 
     framework = "jax"
 
-    def __init__(self, name: str, variant: str, dtype: str, image_size: int):
+    def __init__(self, name: str, variant: str, dtype: str, image_size: int, impl: str = "auto"):
         self.name, self.variant, self.dtype, self.image_size = name, variant, dtype, image_size
-        self.model = create_model(variant, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+        self.model = create_model(variant, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, impl=impl)
+        self.impl = self.model.impl
         init = jax.jit(lambda key, x: self.model.init({"params": key}, x, train=False))
         self.variables = init(jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)))
-        self.analysis: dict = {}
+        self.analysis: dict = {"impl": self.impl}  # the implementation "auto" resolved to
         self.memory_format = "NHWC"
 
     def make(self, task: str, batch: int) -> Callable[[], None]:
@@ -580,7 +583,7 @@ class TorchCase:
 def make_case(name: str, variant: str, args) -> JaxCase | TorchCase:
     dtype = "bfloat16" if "bf16" in name else "float32"
     if name.startswith("jax-"):
-        return JaxCase(name, variant, dtype, args.image_size)
+        return JaxCase(name, variant, dtype, args.image_size, impl="xla" if name.startswith("jax-xla-") else "auto")
     return TorchCase(name, variant, dtype, "compile" in name, args.image_size, args.torch_memory_format,
                      getattr(args, "device", "cpu"))
 
@@ -834,10 +837,12 @@ def markdown(results: dict) -> str:
         lines += ["", f"## SwiftFormer-{variant}", ""]
         header = "| config | memory format |"
         sep = "|---|---|"
+        # the ratio columns only where torch-eager-f32, their reference, was timed
+        with_ref = any("torch-eager-f32" in tres["results"] for tres in vres["tasks"].values())
         for task, tres in vres["tasks"].items():
             unit = "ms" if task in LATENCY_TASKS else "img/s"
-            header += f" {task} (batch {tres['batch']}, {unit}) | x torch eager f32 | peak memory rise MiB |"
-            sep += "---|---|---|"
+            header += f" {task} (batch {tres['batch']}, {unit}) |{' x torch eager f32 |' if with_ref else ''} peak memory rise MiB |"
+            sep += "---|---|---|" if with_ref else "---|---|"
         lines += [header, sep]
         names = next(iter(vres["tasks"].values()))["results"].keys() if vres["tasks"] else []
         for name in names:
@@ -848,7 +853,9 @@ def markdown(results: dict) -> str:
                     row += f" {1e3 * s['median_s']:.1f} [{1e3 * s['min_s']:.1f} - {1e3 * s['max_s']:.1f}] |"
                 else:
                     row += f" {s['images_per_s']:.1f} [{s['images_per_s_min']:.1f} - {s['images_per_s_max']:.1f}] |"
-                row += f" {s.get('speedup_vs_torch_eager_f32', float('nan')):.2f} | {s['memory_peak_rise_mib']:.0f} |"
+                if with_ref:
+                    row += f" {s.get('speedup_vs_torch_eager_f32', float('nan')):.2f} |"
+                row += f" {s['memory_peak_rise_mib']:.0f} |"
             lines.append(row)
         lines += ["", "Load average before/after each task: " + "; ".join(
             f"{t} {r['load_average_before']} / {r['load_average_after']}" for t, r in vres["tasks"].items())]
@@ -863,13 +870,16 @@ def markdown(results: dict) -> str:
 def _analysis_lines(variant: str, vres: dict, results: dict) -> list[str]:
     out = []
     paper = results.get("paper", {}).get(variant, {})
-    programs = [(n, vres["analysis"][n]) for n in ("jax-f32", "jax-bf16") if vres["analysis"].get(n)]
+    programs = [(n, vres["analysis"][n]) for n in ("jax-f32", "jax-bf16", "jax-xla-f32", "jax-xla-bf16")
+                if vres["analysis"].get(n)]
     if programs:
         out += ["", f"XLA cost analysis (paper: {paper.get('gmacs', '?')} GMACs per image = "
                 f"{2 * paper.get('gmacs', float('nan')):.1f} GFLOP):", "",
                 "| program | config | batch | GFLOP per image | GB accessed per image | XLA temp+output MiB |",
                 "|---|---|---|---|---|---|"]
         for config, analysis in programs:
+            if analysis.get("impl"):
+                config += f" (impl {analysis['impl']})"
             if analysis.get("timed") is False:
                 config += " (counted, not timed)"
             for task, a in analysis.items():

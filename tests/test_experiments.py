@@ -250,7 +250,7 @@ def test_benchmark_gpu_path_runs_with_cuda_faked(tmp_path, monkeypatch):
         assert stats["bytes_from"] == "jax-bf16"
     table = (tmp_path / "benchmark_g.md").read_text()
     assert "GPU: cpu (PyTorch: Fake GPU)" in table and "cuDNN benchmark mode True" in table
-    assert "| train | jax-f32 (counted, not timed) | 2 |" in table
+    assert "| train | jax-f32 (impl cpu) (counted, not timed) | 2 |" in table
 
 
 def _stats(seconds: float, batch: int) -> dict:
@@ -461,6 +461,7 @@ def test_tpu_plan_memory_traffic_splits_hbm_from_on_chip_and_counts_loops_per_tr
     assert traffic["on_chip_bytes"] == copy_in + 256 * 4  # the copy's destination, the fusion's operand
     assert traffic["loops_without_trip_count"] == []
     assert traffic["hbm_bytes_by_opcode"]["all-gather"] == 4 * 3 * 256 * 4
+    assert traffic["total_bytes_loops_once"] == traffic["total_bytes"] - 3 * loop // 4  # as "bytes accessed" counts
     gathers = tpu_plan.summarize_collectives(tpu_plan.collectives(HLO_LOOP, 2))["all-gather"]
     assert gathers["count"] == 1 and gathers["ring_bytes"] == 4 * 512 * 4 / 2  # once per trip
 
