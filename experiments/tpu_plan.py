@@ -1,13 +1,15 @@
-"""Before you rent a TPU slice: does a config fit, and how fast should the slice train it?
+"""Before you rent a TPU slice (or GPUs): does a config fit, and how fast should the slice train it?
 
   python experiments/tpu_plan.py --config=configs/s.py --topology=v5e:4x4 \\
       [--config.dtype=bfloat16 --config.mesh.fsdp=16 --config.model.impl=xla ...] [--teacher=regnety_160]
+  python experiments/tpu_plan.py --config=configs/s.py --topology=h100:1x1x8 ...   # one 8-GPU host
   python experiments/tpu_plan.py --matrix          # the committed results, experiments/results/tpu_plan.{json,md}
 
 Compiles the trainer's own train step (`aot.compile_train_step`: `train.jit_steps`' function with
-its shardings and donation) for a TPU topology on this CPU host with libtpu (requirements-tpu.txt,
-in .venv/tpu-compiler), for ImageNet-1k's sizes, from the config `main.py` takes. Nothing runs:
-every figure is the TPU compiler's own analysis of the program, per chip:
+its shardings and donation) on this CPU host for a TPU topology with libtpu (requirements-tpu.txt,
+in .venv/tpu-compiler) or for H100s with JAX's CUDA plugin (requirements-gpu.txt, in
+.venv/gpu-compiler), for ImageNet-1k's sizes, from the config `main.py` takes. Nothing runs:
+every figure is the compiler's own analysis of the program, per chip:
 
   memory    parameters, batch statistics, optimizer state and EMA (from the shardings), and the
             compiled program's argument, output, aliased (donated) and temporary bytes; the peak
@@ -88,7 +90,8 @@ from ml_collections import config_flags  # noqa: E402
 RESULTS = HERE / "results"
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config (configs/*.py), as main.py takes it.", lock_config=False)
-flags.DEFINE_string("topology", "v5e:4x4", "TPU topology to compile for (libtpu's names: v5e:2x2, v5e:4x4, v5e:16x16, ...).")
+flags.DEFINE_string("topology", "v5e:4x4", "Topology to compile for: a TPU slice in libtpu's names (v5e:2x2, v5e:4x4, "
+                    "v5e:16x16, ...) or one host of H100s, h100:1x1xGPUS.")
 flags.DEFINE_string("teacher", "regnety_160", "Teacher architecture when config.distillation.kind is not 'none' "
                     "(a RegNetY name or a SwiftFormer variant); its weights are not needed.")
 flags.DEFINE_bool("fit_batch", False, "Also find the largest global batch that fits (two or more further compiles).")
@@ -389,14 +392,16 @@ def memory_traffic(hlo_text: str) -> dict:
     (`copy-start`, `slice-start`); `cost_analysis()`'s "bytes accessed" adds up every operand
     wherever it lives. The HBM part, arrays in the default memory space (no `S(n)`), is what
     the HBM bandwidth bounds. Sizes include the tiles' padding, as the chip stores them.
-    Returns the HBM bytes, the other spaces' bytes, the total (to compare with "bytes accessed"),
-    the HBM bytes of the 12 largest opcodes, and the loops whose trip count was not found."""
+    Returns the HBM bytes, the other spaces' bytes, their total, the total with each loop body
+    counted once (as "bytes accessed" counts it: the check of this reading against the
+    compiler's), the HBM bytes of the 12 largest opcodes, and the loops whose trip count was not
+    found."""
     computations, entry = _parse_hlo(hlo_text)
     shapes = {name: shape for body in computations.values() for name, shape, *_ in body}
     by_opcode: dict = {}
     unknown_loops = []
 
-    def walk(computation: str, times: int) -> tuple[int, int]:
+    def walk(computation: str, times: int, per_trip: bool = True) -> tuple[int, int]:
         hbm = other = 0
         for name, shape, opcode, operands, rest, _ in computations.get(computation, []):
             if opcode in _NO_TRAFFIC or opcode.endswith("-done"):
@@ -404,14 +409,14 @@ def memory_traffic(hlo_text: str) -> dict:
             if opcode == "while":
                 body = re.search(r"body=%([\w.\-]+)", rest).group(1)
                 trips = _trip_count(computations.get(re.search(r"condition=%([\w.\-]+)", rest).group(1), []))
-                if trips is None:
+                if trips is None and per_trip:
                     unknown_loops.append(name)
-                h, o = walk(body, times * (trips or 1))
+                h, o = walk(body, times * (trips or 1) if per_trip else times, per_trip)
             elif opcode == "conditional":
                 branches = re.findall(r"%([\w.\-]+)", re.search(r"(branch_computations=\{[^}]*\}|true_computation=.*)", rest).group(1))
-                h, o = max((walk(b, times) for b in branches), key=sum)
+                h, o = max((walk(b, times, per_trip) for b in branches), key=sum)
             elif opcode == "call":
-                h, o = walk(re.search(r"to_apply=%([\w.\-]+)", rest).group(1), times)
+                h, o = walk(re.search(r"to_apply=%([\w.\-]+)", rest).group(1), times, per_trip)
             else:
                 if opcode in _SLICES or opcode == "copy-start":
                     results = _LAID_OUT.findall(shape)
@@ -432,7 +437,8 @@ def memory_traffic(hlo_text: str) -> dict:
                     h = result[0] + sum(i[0] for i in inputs)
                     o = result[1] + sum(i[1] for i in inputs)
                 h, o = h * times, o * times
-                by_opcode[opcode] = by_opcode.get(opcode, 0) + h
+                if per_trip:
+                    by_opcode[opcode] = by_opcode.get(opcode, 0) + h
             hbm += h
             other += o
         return hbm, other
@@ -440,7 +446,7 @@ def memory_traffic(hlo_text: str) -> dict:
     hbm, other = walk(entry, 1)
     top = dict(sorted(by_opcode.items(), key=lambda item: -item[1])[:12])
     return {"hbm_bytes": hbm, "on_chip_bytes": other, "total_bytes": hbm + other, "hbm_bytes_by_opcode": top,
-            "loops_without_trip_count": unknown_loops}
+            "total_bytes_loops_once": sum(walk(entry, 1, per_trip=False)), "loops_without_trip_count": unknown_loops}
 
 
 def summarize_collectives(found: list[dict]) -> dict:
@@ -747,6 +753,12 @@ def write_report(path: pathlib.Path) -> pathlib.Path:
             f"{comms} ({r['ring_bytes'] / 1e6:.1f} MB) | {roof['bound']} | {roof['images_per_s_per_chip']:,.0f} | "
             f"{_rate(roof['images_per_s_per_chip_all_bytes_at_hbm_speed'])} | "
             f"{roof['images_per_s_per_slice']:,.0f} | {run['hours']:.1f} | {run['chip_hours']:,.0f} |")
+    ratios = [r["memory_traffic"]["total_bytes_loops_once"] / r["bytes_accessed"] for r in records
+              if r.get("bytes_accessed") and "total_bytes_loops_once" in r.get("memory_traffic", {})]
+    if ratios:
+        lines += ["", f"Check of the layout reading: with each loop body counted once, as the compiler counts it, "
+                  f"`memory_traffic`'s all-spaces total is {min(ratios):.0%} to {max(ratios):.0%} of \"bytes accessed\" "
+                  f"over the {len(ratios)} TPU cases."]
     fits = [r for r in records if r.get("batch_fit")]
     if fits:
         lines += ["", "## Largest batch that fits", "",
