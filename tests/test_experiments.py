@@ -492,3 +492,53 @@ def test_tpu_plan_counts_the_gpu_programs_dot_and_convolution_flops():
     dot = 2 * 64 * 16 * 32
     conv = 2 * (8 * 16 * 16 * 8) * (3 * 3 * 4)  # per output element: a 3x3 window over 4 input features
     assert tpu_plan.matmul_flops(HLO_GPU_MATMULS) == dot + 2 * conv  # forward and filter gradient alike
+
+
+def test_tpu_plan_reads_a_saved_program_into_its_record_and_marks_a_reading_the_compiler_disagrees_with():
+    import tpu_plan
+
+    traffic = tpu_plan.memory_traffic(HLO_LOOP)
+    record = {"chips": 2, "per_chip_batch": 4, "global_batch": 8, "run": {"total_steps": 10},
+              "cost_analysis": {"flops": 1e6, "bytes_accessed": float(traffic["total_bytes_loops_once"])}}
+    tpu_plan.read_program(record, HLO_LOOP, tpu_plan.CHIPS["v5e"])
+    assert record["traffic_check"] == 1.0 and tpu_plan._trusted(record["traffic_check"])
+    assert record["hbm_bytes_per_image"] == traffic["hbm_bytes"] / 4
+    assert record["roofline"]["step_s"] == max(1e6 / 197e12, traffic["hbm_bytes"] / 819e9, record["ring_bytes"] / 200e9)
+    assert record["run"]["hours"] == 10 * record["roofline"]["step_s"] / 3600
+    record["cost_analysis"]["bytes_accessed"] /= 2  # the compiler counts half: the reading is not trusted
+    assert not tpu_plan._trusted(tpu_plan.read_program(record, HLO_LOOP, tpu_plan.CHIPS["v5e"])["traffic_check"])
+
+
+HLO_IN_PLACE = """
+%update (buffer: f32[1024], piece: f32[16], at: s32[]) -> f32[1024] {
+  %buffer = f32[1024]{0} parameter(0)
+  %piece = f32[16]{0} parameter(1)
+  %at = s32[] parameter(2)
+  ROOT %dus = f32[1024]{0} dynamic-update-slice(%buffer, %piece, %at)
+}
+
+%carry (x: f32[1024], y: f32[16]) -> (f32[16], f32[1024]) {
+  %x = f32[1024]{0} parameter(0)
+  %y = f32[16]{0} parameter(1)
+  %n = f32[16]{0} negate(%y)
+  ROOT %t = (f32[16]{0}, f32[1024]{0}) tuple(%n, %x)
+}
+
+ENTRY %main (b: f32[1024], p: f32[16], i: s32[]) -> f32[16] {
+  %b = f32[1024]{0} parameter(0)
+  %p = f32[16]{0} parameter(1)
+  %i = s32[] parameter(2)
+  %u = f32[1024]{0} fusion(%b, %p, %i), kind=kLoop, calls=%update
+  %c = (f32[16]{0}, f32[1024]{0}) fusion(%u, %p), kind=kLoop, calls=%carry
+  ROOT %r = f32[16]{0} get-tuple-element(%c), index=0
+}
+"""
+
+
+def test_tpu_plan_counts_an_in_place_update_by_its_slice_and_a_passed_through_buffer_not_at_all():
+    import tpu_plan
+
+    traffic = tpu_plan.memory_traffic(HLO_IN_PLACE)
+    update = 16 * 4 + 16 * 4 + 4  # the piece read and written, the index read
+    carry = 16 * 4 + 16 * 4  # y read, n written; the 1024-element buffer only passes through
+    assert traffic["hbm_bytes"] == update + carry
