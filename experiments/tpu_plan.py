@@ -864,7 +864,8 @@ def write_report(path: pathlib.Path) -> pathlib.Path:
             slow = r["roofline"].get("all_bytes_at_hbm_speed_s")
             pessimistic = (f"; {r['run']['total_steps'] * slow / 3600:.2f} h ({r['run']['total_steps'] * slow * r['chips'] / 3600:,.0f} "
                            f"chip-hours) if every accessed byte went through HBM" if slow else "")
-            lines.append(f"- SwiftFormer-S on {where}, bfloat16, {teacher}: {r['run']['total_steps']:,} steps, "
+            lines.append(f"- SwiftFormer-S on {where}, bfloat16, {teacher}, global batch {r['global_batch']}: "
+                         f"{r['run']['total_steps']:,} steps, "
                          f"{r['run']['hours']:.2f} h ({r['run']['chip_hours']:,.0f} chip-hours) at "
                          f"{r['roofline']['images_per_s_per_slice']:,.0f} images/s ({r['roofline']['bound']}-bound){pessimistic}.")
     missing = [name for name, _ in MATRIX if name not in done]
