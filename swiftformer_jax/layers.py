@@ -10,6 +10,10 @@ axis (kernel [in, out], nn.Dense's parameters), which is the same function and a
 Implementations: the modules with convolutions, GELU or batch norm take `impl` ("cpu" or "xla",
 see `ops.py`), passed down from `SwiftFormer`; the parameters are the same for both.
 
+Folded form (`folded=True`, inference only): the modules skip their batch norms and layer scales,
+which `fold.fold_for_inference` has moved into the adjacent convolutions and linears; the
+parameter tree is the same less those leaves.
+
 Mixed precision: every module takes `dtype` (compute) and keeps float32 parameters; batch-norm
 statistics are always computed and stored in float32.
 """
@@ -155,9 +159,21 @@ class DepthwiseConv3x3(nn.Module):
                                      self.impl)
 
 
-def _layer_scale(module: nn.Module, name: str, channels: int, init_value: float) -> jax.Array:
-    """A per-channel learnable scale of `module` (PyTorch shape (C, 1, 1), stored here as (C,))."""
-    return module.param(name, nn.initializers.constant(init_value), (channels,), jnp.float32)
+def _layer_scale(module: nn.Module, name: str, y: jax.Array, init_value: float) -> jax.Array:
+    """`y` times a per-channel learnable scale of `module` (PyTorch shape (C, 1, 1), stored here as
+    (C,)); `y` itself when the module is `folded` (the scale is in the linear before it)."""
+    if module.folded:
+        return y
+    scale = module.param(name, nn.initializers.constant(init_value), (y.shape[-1],), jnp.float32)
+    return y * scale.astype(y.dtype)
+
+
+def _batch_norm(module: nn.Module, name: str, x: jax.Array, train: bool, dtype: Dtype) -> jax.Array:
+    """`module`'s BatchNorm `name` on `x`; `x` itself when the module is `folded` (`fold.py` moved
+    the normalisation into the adjacent linear op)."""
+    if module.folded:
+        return x
+    return BatchNorm(module.bn_group_size, dtype=dtype, impl=module.impl, name=name)(x, train)
 
 
 class Stem(nn.Module):
@@ -168,13 +184,14 @@ class Stem(nn.Module):
     dtype: Dtype = jnp.float32
     impl: str = "cpu"
 
+    folded: bool = False
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        bn = dict(group_size=self.bn_group_size, dtype=self.dtype, impl=self.impl)
         x = Conv3x3Stride2(self.width // 2, self.dtype, self.impl, name="conv1")(x)
-        x = nn.relu(BatchNorm(**bn, name="norm1")(x, train))
+        x = nn.relu(_batch_norm(self, "norm1", x, train, self.dtype))
         x = Conv3x3Stride2(self.width, self.dtype, self.impl, name="conv2")(x)
-        return nn.relu(BatchNorm(**bn, name="norm2")(x, train))
+        return nn.relu(_batch_norm(self, "norm2", x, train, self.dtype))
 
 
 class Embedding(nn.Module):
@@ -185,10 +202,12 @@ class Embedding(nn.Module):
     dtype: Dtype = jnp.float32
     impl: str = "cpu"
 
+    folded: bool = False
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = Conv3x3Stride2(self.width, self.dtype, self.impl, name="proj")(x)
-        return BatchNorm(self.bn_group_size, dtype=self.dtype, impl=self.impl, name="norm")(x, train)
+        return _batch_norm(self, "norm", x, train, self.dtype)
 
 
 class ConvEncoder(nn.Module):
@@ -204,16 +223,17 @@ class ConvEncoder(nn.Module):
     bn_group_size: int | None = None
     dtype: Dtype = jnp.float32
     impl: str = "cpu"
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         channels = x.shape[-1]
         y = DepthwiseConv3x3(self.dtype, self.impl, name="dwconv")(x)
-        y = BatchNorm(self.bn_group_size, dtype=self.dtype, impl=self.impl, name="norm")(y, train)
+        y = _batch_norm(self, "norm", y, train, self.dtype)
         y = dense_layer(self.hidden_dim, self.dtype, "pwconv1")(y)
         y = ops.gelu(y, self.impl)  # PyTorch nn.GELU() is the exact, erf form
         y = dense_layer(channels, self.dtype, "pwconv2")(y)
-        y = y * _layer_scale(self, "layer_scale", channels, 1.0).astype(y.dtype)
+        y = _layer_scale(self, "layer_scale", y, 1.0)
         rng = self.make_rng("drop_path") if train and self.drop_path_rate > 0 else None
         return x + ops.drop_path(y, self.drop_path_rate, rng, deterministic=not train)
 
@@ -250,11 +270,12 @@ class Mlp(nn.Module):
     bn_group_size: int | None = None
     dtype: Dtype = jnp.float32
     impl: str = "cpu"
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         channels = x.shape[-1]
-        x = BatchNorm(self.bn_group_size, dtype=self.dtype, impl=self.impl, name="norm1")(x, train)
+        x = _batch_norm(self, "norm1", x, train, self.dtype)
         x = ops.gelu(dense_layer(self.hidden_dim, self.dtype, "fc1")(x), self.impl)
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
         x = dense_layer(channels, self.dtype, "fc2")(x)
@@ -276,23 +297,24 @@ class SwiftFormerEncoder(nn.Module):
     bn_group_size: int | None = None
     dtype: Dtype = jnp.float32
     impl: str = "cpu"
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         batch, height, width, channels = x.shape
         x = LocalRepresentation(
             channels, bn_group_size=self.bn_group_size, dtype=self.dtype, impl=self.impl,
-            name="local_representation",
+            folded=self.folded, name="local_representation",
         )(x, train)
 
         attn = EfficientAdditiveAttention(self.attention_version, self.dtype, name="attn")
         y = attn(x.reshape(batch, height * width, channels)).reshape(x.shape)
-        y = y * _layer_scale(self, "layer_scale_1", channels, self.layer_scale_init).astype(y.dtype)
+        y = _layer_scale(self, "layer_scale_1", y, self.layer_scale_init)
         x = x + self._drop_path(y, train)
 
         y = Mlp(self.mlp_ratio * channels, self.drop_rate, self.bn_group_size, self.dtype, self.impl,
-                name="linear")(x, train)
-        y = y * _layer_scale(self, "layer_scale_2", channels, self.layer_scale_init).astype(y.dtype)
+                self.folded, name="linear")(x, train)
+        y = _layer_scale(self, "layer_scale_2", y, self.layer_scale_init)
         return x + self._drop_path(y, train)
 
     def _drop_path(self, y: jax.Array, train: bool) -> jax.Array:
@@ -316,6 +338,7 @@ class Stage(nn.Module):
     bn_group_size: int | None
     dtype: Dtype
     impl: str = "cpu"
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -323,11 +346,11 @@ class Stage(nn.Module):
         for j in range(self.depth - 1):
             x = ConvEncoder(
                 self.mlp_ratio * width, drop_path_rate=0.0, bn_group_size=self.bn_group_size,
-                dtype=self.dtype, impl=self.impl, name=f"block_{j}",
+                dtype=self.dtype, impl=self.impl, folded=self.folded, name=f"block_{j}",
             )(x, train)
         return SwiftFormerEncoder(
             mlp_ratio=self.mlp_ratio, attention_version=self.attention_version,
             drop_path_rate=self.rates[-1], drop_rate=self.drop_rate,
             layer_scale_init=self.layer_scale_init, bn_group_size=self.bn_group_size,
-            dtype=self.dtype, impl=self.impl, name=f"block_{self.depth - 1}",
+            dtype=self.dtype, impl=self.impl, folded=self.folded, name=f"block_{self.depth - 1}",
         )(x, train)

@@ -111,11 +111,13 @@ class ModelSpec:
         return f"{name} ({head}, attention v{self.attention_version}, {self.image_size} px)"
 
     def build(self, *, drop_path_rate: float = 0.0, drop_rate: float = 0.0,
-              bn_group_size: int | None = None, dtype=jnp.float32, impl: str = "auto", devices=None) -> "SwiftFormer":
+              bn_group_size: int | None = None, dtype=jnp.float32, impl: str = "auto", devices=None,
+              folded: bool = False) -> "SwiftFormer":
         """The linen module. `bn_group_size` None normalises over the whole (global) batch; an int
         gives ghost batch norm over groups of that many images. `dtype` is the compute dtype;
         `impl` the ops' form ("cpu" or "xla", `ops.py`; "auto": `ops.resolve_impl` for `devices`,
-        default JAX's default devices), which changes neither weights nor function."""
+        default JAX's default devices), which changes neither weights nor function. `folded`: the
+        eval-only network that takes `fold.fold_for_inference`'s variables."""
         if not 0.0 <= drop_path_rate < 1.0 or not 0.0 <= drop_rate < 1.0:
             raise ValueError(
                 f"drop rates must be in [0, 1); got drop_path_rate={drop_path_rate}, drop_rate={drop_rate}"
@@ -127,6 +129,7 @@ class ModelSpec:
             distillation=self.distillation, features_only=self.features_only,
             attention_version=self.attention_version, drop_path_rate=drop_path_rate,
             drop_rate=drop_rate, bn_group_size=bn_group_size, dtype=dtype, impl=ops.resolve_impl(impl, devices),
+            folded=folded,
         )
 
     def abstract_variables(self) -> dict:
@@ -210,11 +213,15 @@ class SwiftFormer(nn.Module):
     bn_group_size: int | None = None
     dtype: jnp.dtype = jnp.float32
     impl: str = "cpu"  # "cpu" or "xla": the form of the convolutions, GELU and batch norm (ops.py)
+    folded: bool = False  # inference form of `fold.fold_for_inference`'s variables: no BN, no layer scales
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False):
         self._check_images(images)
-        bn = dict(bn_group_size=self.bn_group_size, dtype=self.dtype, impl=self.impl)
+        if self.folded and (train or self.num_classes == 0 or self.features_only):
+            raise ValueError("a folded SwiftFormer (fold.fold_for_inference) computes eval logits only: "
+                             f"train={train}, num_classes={self.num_classes}, features_only={self.features_only}")
+        bn = dict(bn_group_size=self.bn_group_size, dtype=self.dtype, impl=self.impl, folded=self.folded)
         x = layers.Stem(self.widths[0], **bn, name="patch_embed")(images.astype(self.dtype), train)
 
         features = []
@@ -229,7 +236,8 @@ class SwiftFormer(nn.Module):
         if self.features_only:
             return features
 
-        x = layers.BatchNorm(self.bn_group_size, dtype=jnp.float32, impl=self.impl, name="norm")(x, train)
+        if not self.folded:
+            x = layers.BatchNorm(self.bn_group_size, dtype=jnp.float32, impl=self.impl, name="norm")(x, train)
         pooled = jnp.mean(x, axis=(1, 2))
         if self.num_classes == 0:
             return pooled
@@ -245,7 +253,7 @@ class SwiftFormer(nn.Module):
             depth=depth, rates=tuple(rates), mlp_ratio=self.mlp_ratio,
             attention_version=self.attention_version, drop_rate=self.drop_rate,
             layer_scale_init=self.layer_scale_init, bn_group_size=self.bn_group_size,
-            dtype=self.dtype, impl=self.impl, name=name,
+            dtype=self.dtype, impl=self.impl, folded=self.folded, name=name,
         )
         return stage(x, train)
 
