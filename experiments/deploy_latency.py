@@ -5,8 +5,10 @@
 Per variant: the Hugging Face PyTorch SwiftFormer (random weights, version-2 attention) is the
 source; its weights are converted (`convert.from_torch`) and exported with
 `python -m swiftformer_jax.export`'s code to ONNX and LiteRT, one fixed-batch file per batch size,
-so all five runtimes compute the same function (their logits are compared and recorded). Then
-JAX (jit, the default implementation), onnxruntime (CPU provider), LiteRT (the ai-edge-litert
+so the runtimes compute the same function (their logits are compared and recorded); LiteRT also
+with `--quantize int8`, calibrated on seeded random images (with random weights its error says
+nothing of a trained network's: `quantized_agreement.py` measures that). Then JAX (jit, the
+default implementation), onnxruntime (CPU provider), LiteRT float32 and int8 (the ai-edge-litert
 interpreter with its default XNNPACK delegate), PyTorch eager and `torch.compile` are timed
 interleaved, call by call (`benchmark.time_interleaved`), each with every core of the machine.
 Writes `experiments/results/<tag>.{json,md,png}`.
@@ -40,7 +42,8 @@ from swiftformer_jax import checkpoint, convert, export  # noqa: E402
 from swiftformer_jax.model import VARIANTS, ModelSpec  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
-RUNTIMES = ("jax", "onnxruntime", "litert", "torch-eager", "torch-compile")
+RUNTIMES = ("jax", "onnxruntime", "litert", "litert-int8", "torch-eager", "torch-compile")
+CALIBRATION_IMAGES = 16  # seeded random images: the weights are random too, so only the speed is meaningful
 REPS = {1: 30, 32: 8}  # timed rounds per batch size (others: 8)
 
 
@@ -84,8 +87,14 @@ def runtime_calls(variant: str, batch: int, size: int, scratch: pathlib.Path, th
     calls = {"jax": lambda: jitted(images).block_until_ready()}
     outputs = {"jax": reference}
     facts["jax"]["threads"] = f"XLA:CPU's pool ({os.cpu_count()} cores)"
-    for runtime, fmt in (("onnxruntime", "onnx"), ("litert", "tflite")):
-        report = export.export(weights, fmt, scratch / f"{variant}-{batch}.{fmt}", batch=batch, image_size=(size, size))
+    calibration = scratch / f"calibration-{size}.npy"
+    np.save(calibration, np.random.RandomState(1).standard_normal((max(CALIBRATION_IMAGES, batch), size, size, 3))
+            .astype(np.float32))
+    for runtime, fmt, quantize in (("onnxruntime", "onnx", None), ("litert", "tflite", None),
+                                   ("litert-int8", "tflite", "int8")):
+        report = export.export(weights, fmt, scratch / f"{variant}-{batch}-{runtime}.{fmt}", batch=batch,
+                               image_size=(size, size), quantize=quantize,
+                               representative=calibration if quantize else None)
         facts[runtime]["file_mib"] = report["bytes"] / 2**20
         run = export.runner(report["file"], fmt, threads=threads)
         outputs[runtime] = run(images)
@@ -148,8 +157,8 @@ def markdown(results: dict) -> str:
         "# Deployment latency: exported SwiftFormer beside JAX and PyTorch", "",
         f"Produced by `{results['command'].strip()}` on {results['date']}: {m['cpu']}, {m['usable_cores']} cores, "
         f"{m['memory_gib']} GiB, {m['platform']}; {versions}. Load average {results['load_average_start']} at the "
-        f"start, {results['load_average_end']} at the end. {results['image_size']} px, float32, random weights "
-        "(the same in every runtime). Median of interleaved calls (min-max in the JSON); every runtime uses "
+        f"start, {results['load_average_end']} at the end. {results['image_size']} px, float32 (litert-int8: "
+        "int8 weights and activations, calibrated on random images), random weights (the same in every runtime). Median of interleaved calls (min-max in the JSON); every runtime uses "
         "every core. Error: the largest |logit difference| from JAX, against the largest |logit|.", "",
         "| variant | runtime | batch 1 (ms) | batch 32 (img/s) | file (MiB) | max error / logit scale |",
         "|---|---|---:|---:|---:|---|",

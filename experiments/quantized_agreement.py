@@ -4,7 +4,9 @@
     python experiments/quantized_agreement.py --checkpoint /tmp/swiftformer-quickstart
 
 Exports the checkpoint (its trainer config gives the data set and the eval preprocessing) to LiteRT
-in float32 and with `--quantize int8-weights`, runs both and JAX on every eval image, and writes
+in float32, with `--quantize int8-weights`, and with `--quantize int8` calibrated on the first
+`--calibration-images` images of the train split (eval preprocessing, so calibration never sees
+an eval image); runs them and JAX on every eval image, and writes
 `experiments/results/<tag>.{md,json}`: accuracy of each, and each export's top-1 agreement and
 largest logit difference with JAX.
 """
@@ -39,6 +41,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a training workdir (its config.json names the data)")
     parser.add_argument("--ema", action="store_true")
+    parser.add_argument("--calibration-images", type=int, default=200, help="train images --quantize int8 calibrates on")
     parser.add_argument("--tag", default="quantized_agreement")
     parser.add_argument("--output-dir", default=str(HERE / "results"))
     args = parser.parse_args(argv)
@@ -58,17 +61,29 @@ def main(argv=None) -> int:
         images.append(batch["image"][batch["mask"]])
         labels.append(batch["label"][batch["mask"]])
     images, labels = np.concatenate(images), np.concatenate(labels)
+    calibration = []
+    for batch in input_pipeline.eval_dataset(
+            config["dataset"], config.get("data_dir"), local_batch_size=50, image_size=config["image_size"],
+            crop_pct=config["eval_crop_pct"], process_index=0, process_count=1, part="train"):
+        calibration.append(batch["image"][batch["mask"]])
+        if sum(map(len, calibration)) >= args.calibration_images:
+            break
+    calibration = np.concatenate(calibration)[:args.calibration_images]
     size = (config["image_size"], config["image_size"])
     reference = np.asarray(jax.jit(lambda x: spec.build().apply(variables, x))(images))
     results = {"command": "python experiments/quantized_agreement.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "model": spec.describe(),
                "dataset": config["dataset"], "eval_images": int(len(labels)),
+               "calibration_images": int(len(calibration)),
                "accuracy": {"jax": float(np.mean(reference.argmax(-1) == labels))}, "exports": {}}
     with tempfile.TemporaryDirectory() as scratch:
-        for name, quantize in (("float32", None), ("int8-weights", "int8-weights")):
+        representative = pathlib.Path(scratch) / "calibration.npy"
+        np.save(representative, calibration)
+        for name, quantize in (("float32", None), ("int8-weights", "int8-weights"), ("int8", "int8")):
             report = export.export(args.checkpoint, "tflite", pathlib.Path(scratch) / f"{name}.tflite", batch=50,
-                                   image_size=size, ema=args.ema, quantize=quantize)
+                                   image_size=size, ema=args.ema, quantize=quantize,
+                                   representative=representative if quantize == "int8" else None)
             run = export.runner(report["file"], "tflite")
             logits = np.concatenate([run(images[i:i + 50]) for i in range(0, len(images), 50)])
             results["accuracy"][f"litert {name}"] = float(np.mean(logits.argmax(-1) == labels))
@@ -82,7 +97,8 @@ def main(argv=None) -> int:
     (out / f"{args.tag}.json").write_text(json.dumps(results, indent=1))
     lines = [f"# LiteRT exports against the float network: {results['model']}", "",
              f"Produced by `{results['command']}` on {results['date']} ({results['machine']}); "
-             f"{results['eval_images']} eval images of `{results['dataset']}`.", "",
+             f"{results['eval_images']} eval images of `{results['dataset']}`; int8 calibrated on "
+             f"{results['calibration_images']} train images.", "",
              "| export | file (MiB) | top-1 agreement with JAX | max abs logit difference (logit scale) | accuracy |",
              "|---|---:|---:|---:|---:|",
              f"| JAX (float32) | - | - | - | {results['accuracy']['jax']:.4f} |"]

@@ -543,17 +543,21 @@ def eval_dataset(
     crop_pct: float = 0.875,
     process_index: int,
     process_count: int,
+    part: str = "eval",
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over this process's slice of the eval split, padded to `num_eval_batches` batches.
 
     Yields {"image": float32 [B, S, S, 3], "label": int32 [B], "mask": bool [B]}; padding has mask
-    False, label 0 and a zero image. Call again for the next evaluation.
+    False, label 0 and a zero image. Call again for the next evaluation. `part="train"` reads the
+    train split the same way (eval transform, no augmentation), e.g. to calibrate a quantised export.
     """
     _check_process(process_index, process_count)
     if local_batch_size < 1 or image_size < 1:
         raise ValueError(f"local_batch_size and image_size must be >= 1, got {local_batch_size}, {image_size}")
+    if part not in ("train", "eval"):
+        raise ValueError(f"part must be 'train' or 'eval', got {part!r}")
     source = _open(dataset, data_dir)
-    total = source.info.num_eval_examples
+    total = source.info.num_eval_examples if part == "eval" else source.info.num_train_examples
     start, stop = process_range(total, process_index, process_count)
     padding = num_eval_batches(total, local_batch_size, process_count) * local_batch_size - (stop - start)
 
@@ -562,10 +566,10 @@ def eval_dataset(
     def preprocess(ex):
         return {"image": eval_image(ex["image"]), "label": ex["label"], "mask": tf.constant(True)}
 
-    real = _read(source, "eval", [(start, stop)]).map(preprocess, num_parallel_calls=AUTOTUNE)
+    real = _read(source, part, [(start, stop)]).map(preprocess, num_parallel_calls=AUTOTUNE)
     pad = tf.data.Dataset.from_tensors(
         {"image": tf.zeros([image_size, image_size, 3]), "label": tf.constant(0, tf.int32), "mask": tf.constant(False)}
     ).repeat(padding)
     ds = real.concatenate(pad).batch(local_batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-    return _naming_unreadable_images(ds.with_options(_options()).as_numpy_iterator(), source, "eval",
+    return _naming_unreadable_images(ds.with_options(_options()).as_numpy_iterator(), source, part,
                                      lambda done: [(min(start + done * local_batch_size, stop), stop)])

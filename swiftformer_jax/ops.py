@@ -17,8 +17,10 @@ each mechanism has an `init_*_params(key, dim)` that builds one.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -59,10 +61,11 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = L2_EPS) -> jax.Array
 
     The naive form differentiates sqrt at 0 and gives NaN. Clamping the *squared* norm at eps**2
     before the square root is the same function (sqrt is monotonic) with a finite derivative.
+    Multiplying by its reciprocal square root rather than dividing keeps a division out of
+    exported graphs: TFLite's int8 division stops the interpreter when a divisor rounds to zero.
     """
     squared = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    norm = jnp.sqrt(jnp.maximum(squared, jnp.asarray(eps, x.dtype) ** 2))
-    return x / norm
+    return x * jax.lax.rsqrt(jnp.maximum(squared, jnp.asarray(eps, x.dtype) ** 2))
 
 
 def batch_norm_train(
@@ -370,11 +373,32 @@ def gelu(x: jax.Array, impl: str = "cpu") -> jax.Array:
     block's) written once and read back twice: 2.1 GB of the S train step's 24 GB of memory
     traffic and 525 of its 3135 MB of XLA temp memory. The step takes the same time either way;
     the gain is memory. Forward-mode differentiation (`jax.jvp`) does not pass through a custom
-    VJP. impl="xla": `jax.nn.gelu(x, approximate=False)`, differentiated by autodiff.
+    VJP. impl="xla": `jax.nn.gelu(x, approximate=False)`, differentiated by autodiff (inside
+    `litert_gelu_form()`, the tanh form instead).
     """
     if check_impl(impl) == "xla":
-        return jax.nn.gelu(x, approximate=False)
+        return jax.nn.gelu(x, approximate=_LITERT_GELU_FORM.get())
     return _gelu(x)
+
+
+_LITERT_GELU_FORM = contextvars.ContextVar("litert_gelu_form", default=False)
+
+
+@contextlib.contextmanager
+def litert_gelu_form() -> Iterator[None]:
+    """While active, "xla" GELU is traced in its tanh form, for the LiteRT exporter only.
+
+    TFLite's converter cannot lower StableHLO's erf (it arrives as a composite its StableHLO
+    version does not know; `jax.nn.gelu`'s erfc becomes a 30-op polynomial with selects that
+    XNNPACK does not take), but it fuses the tanh form into its GELU builtin. `export.py` then
+    clears that op's `approximate` option, so the runtime computes the exact GELU again, and checks
+    the file against JAX's exact network.
+    """
+    token = _LITERT_GELU_FORM.set(True)
+    try:
+        yield
+    finally:
+        _LITERT_GELU_FORM.reset(token)
 
 
 @jax.custom_vjp

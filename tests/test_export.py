@@ -3,11 +3,13 @@ runtimes against JAX, not only by the export's self-check), and bad requests wri
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
 
-from swiftformer_jax import checkpoint, export
+from swiftformer_jax import checkpoint, export, ops, predict
 from swiftformer_jax.model import ModelSpec
 
 
@@ -82,13 +84,41 @@ def test_exported_logits_match_jax_at_two_batches_and_two_sizes(saved, exported,
             assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
-def test_graphs_use_the_runtimes_own_convolutions_and_no_tensorflow_ops(exported):
+def delegated_partitions(path) -> int:
+    """Parts of a LiteRT file that XNNPACK runs; every op it cannot take splits the graph."""
+    interpreter = export.tflite_interpreter(path)
+    interpreter.allocate_tensors()
+    return sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
+
+
+def test_graphs_use_the_runtimes_own_ops_and_no_tensorflow_ops(exported):
     onnx_ops = exported["XS", "onnx"][0]["ops"]
-    tflite_ops = exported["XS", "tflite"][0]["ops"]
-    # XS: 16 depthwise 3x3 convs, 2 stem convs and 3 downsampling convs; 20 exact GELUs.
+    fixed = exported["XS", "tflite"][1]
+    tflite_ops = fixed["ops"]
+    # XS: 16 depthwise 3x3 convs, 2 stem convs and 3 downsampling convs; 20 exact GELUs; no batch
+    # norm left (folded).
     assert onnx_ops["Conv"] == 21 and onnx_ops["Gelu"] == 20 and "Slice" not in onnx_ops
+    assert "BatchNormalization" not in onnx_ops
     assert tflite_ops["DEPTHWISE_CONV_2D"] == 16 and tflite_ops["CONV_2D"] == 5
+    assert tflite_ops["GELU"] == 20 and "TANH" not in tflite_ops and "SELECT" not in tflite_ops, tflite_ops
     assert not [op for op in tflite_ops if "FLEX" in op.upper() or op == "CUSTOM"], tflite_ops
+    # XNNPACK takes the whole fixed-batch graph: nothing runs on TFLite's slower reference kernels.
+    assert delegated_partitions(fixed["file"]) == 1
+
+
+def test_litert_gelu_is_the_exact_form():
+    """The tanh form the converter fuses, set back to exact: GELU's values, not its approximation's."""
+    x = np.linspace(-6, 6, 4096, dtype=np.float32).reshape(64, 64)
+    flatbuffer = export.to_tflite(lambda v: ops.gelu(v, "xla"), x.shape)
+    interpreter = export.tflite_interpreter(flatbuffer)
+    assert [op["op_name"] for op in interpreter._get_ops_details()] == ["GELU"]
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    exact = np.asarray(jax.nn.gelu(x, approximate=False))
+    assert np.abs(got - exact).max() < 2e-6
+    assert np.abs(np.asarray(jax.nn.gelu(x, approximate=True)) - exact).max() > 1e-4  # what it would be
 
 
 def test_nchw_input_and_int8_weights(saved, exported, tmp_path):
@@ -103,6 +133,56 @@ def test_nchw_input_and_int8_weights(saved, exported, tmp_path):
     assert quantized["relative_error"] < 0.05 and quantized["top1_agreement"] == 1.0
 
 
+def test_full_int8_calibrated_on_a_folder_of_images(saved, exported, tmp_path):
+    from PIL import Image
+
+    path, spec, variables = saved["XS"]
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    rs = np.random.RandomState(3)
+    for i in range(4):  # images of other sizes and modes: preprocessed as predict does
+        Image.fromarray((rs.rand(250 + 10 * i, 300, 3) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image: skipped")
+    report = export.export(path, "tflite", tmp_path / "int8.tflite", batch=2, quantize="int8",
+                           representative=folder)
+    assert report["calibration_images"] == 4 and report["check_images"] == 2
+    assert report["ops"]["QUANTIZE"] == 1 and report["ops"]["DEQUANTIZE"] == 1 and report["ops"]["GELU"] == 20
+    assert report["bytes"] < 0.4 * exported["XS", "tflite"][1]["bytes"]
+    # Int8 activations: an error of a few percent of the logit scale, measured on the calibration
+    # images and reported (not a float export's tolerance).
+    assert 0 < report["relative_error"] < 0.2
+    x = np.stack([predict.preprocess(predict.load_image(folder / f"{i}.png")) for i in (0, 1)])
+    got = export.runner(report["file"], "tflite")(x)
+    want = jax_logits(spec, variables, x)
+    assert np.abs(got - want).max() == pytest.approx(report["max_abs_error"], rel=1e-5)
+
+
+def test_representative_images_are_read_and_refused_by_name(tmp_path):
+    good = np.random.RandomState(0).standard_normal((3, 40, 48, 3)).astype(np.float32)
+    np.save(tmp_path / "good.npy", good)
+    np.testing.assert_array_equal(export.representative_images(tmp_path / "good.npy", (40, 48)), good)
+    assert export.representative_images(tmp_path / "good.npy", (40, 48), "nchw").shape == (3, 3, 40, 48)
+    np.save(tmp_path / "nan.npy", np.full((1, 40, 48, 3), np.nan, np.float32))
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (tmp_path / "good.npy", (48, 40), "shape (3, 40, 48, 3)"),
+        (tmp_path / "nan.npy", (40, 48), "finite float"),
+        (tmp_path / "empty", (32, 32), "no image files"),
+        (tmp_path / "good.npy.txt", (40, 48), "not a folder of images or a .npy"),
+    ]
+    (tmp_path / "good.npy.txt").write_text("x")
+    for source, size, message in cases:
+        with pytest.raises(export.ExportError, match=re.escape(message)) as error:
+            export.representative_images(source, size)
+        assert str(source) in str(error.value)
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "images" / "a.png")
+    with pytest.raises(export.ExportError, match="square exports only"):
+        export.representative_images(tmp_path / "images", (32, 48))
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(fmt="coreml"), "--format must be one of"),
     (dict(image_size=(16, 224)), "at least 32 pixels"),
@@ -110,6 +190,9 @@ def test_nchw_input_and_int8_weights(saved, exported, tmp_path):
     (dict(layout="nwhc"), "--layout must be one of"),
     (dict(fmt="onnx", quantize="int8-weights"), "is for --format tflite"),
     (dict(quantize="int4"), "--quantize must be one of"),
+    (dict(quantize="int8"), "calibrates on --representative"),
+    (dict(quantize="int8-weights", representative="images.npy"), "is for --quantize int8"),
+    (dict(quantize="int8", representative="nowhere.npy"), "nowhere.npy does not exist"),
 ])
 def test_bad_requests_fail_before_anything_is_written(saved, tmp_path, change, message):
     path, _, _ = saved["XS"]
