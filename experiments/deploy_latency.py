@@ -10,8 +10,8 @@ with `--quantize int8`, calibrated on seeded random images (with random weights 
 nothing of a trained network's: `quantized_agreement.py` measures that). Then JAX (jit, the
 default implementation), onnxruntime (CPU provider), LiteRT float32 and int8 (the ai-edge-litert
 interpreter with its default XNNPACK delegate), PyTorch eager and `torch.compile` are timed
-interleaved, call by call (`benchmark.time_interleaved`), each with every core of the machine.
-Writes `experiments/results/<tag>.{json,md,png}`.
+interleaved, call by call (`benchmark.time_interleaved`), each with every core of the machine;
+at batch 1 also back to back, as a stream of requests (`stream_latency`). Writes `experiments/results/<tag>.{json,md,png}`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
+import statistics  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -45,6 +47,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 RUNTIMES = ("jax", "onnxruntime", "litert", "litert-int8", "torch-eager", "torch-compile")
 CALIBRATION_IMAGES = 16  # seeded random images: the weights are random too, so only the speed is meaningful
 REPS = {1: 30, 32: 8}  # timed rounds per batch size (others: 8)
+STREAM_ROUNDS, STREAM_CALLS = 3, 10  # batch 1 back to back: rounds of this many calls per runtime
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -134,13 +137,33 @@ def run(args) -> dict:
                 calls, facts = runtime_calls(variant, batch, args.image_size, pathlib.Path(scratch), threads)
                 reps = args.reps or REPS.get(batch, 8)
                 timed = benchmark.time_interleaved(calls, reps, args.warmup)
+                stream = stream_latency(calls) if batch == 1 else {}
                 for name, stats in timed.items():
                     stats.update(facts[name], images_per_s=batch / stats["median_s"])
+                    if name in stream:
+                        stats["stream_median_s"] = stream[name]
                 per_batch[str(batch)] = timed
                 print("  " + ", ".join(f"{n} {1e3 * s['median_s']:.1f} ms" for n, s in timed.items()), flush=True)
+                if stream:
+                    print("  stream: " + ", ".join(f"{n} {1e3 * t:.1f} ms" for n, t in stream.items()), flush=True)
             results["variants"][variant] = per_batch
     results["load_average_end"] = benchmark.load_average()
     return results
+
+
+def stream_latency(calls: dict, rounds: int = STREAM_ROUNDS, per_round: int = STREAM_CALLS) -> dict[str, float]:
+    """Median seconds per call when each runtime is called back to back, as a server answering a
+    stream of requests is; the runtimes take turns round by round. The interleaved timing pauses
+    and switches runtime before every call, which costs some runtimes their warm threads."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            call()  # the first call after another runtime's is not counted
+            for _ in range(per_round):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _versions() -> dict:
@@ -159,9 +182,10 @@ def markdown(results: dict) -> str:
         f"{m['memory_gib']} GiB, {m['platform']}; {versions}. Load average {results['load_average_start']} at the "
         f"start, {results['load_average_end']} at the end. {results['image_size']} px, float32 (litert-int8: "
         "int8 weights and activations, calibrated on random images), random weights (the same in every runtime). Median of interleaved calls (min-max in the JSON); every runtime uses "
-        "every core. Error: the largest |logit difference| from JAX, against the largest |logit|.", "",
-        "| variant | runtime | batch 1 (ms) | batch 32 (img/s) | file (MiB) | max error / logit scale |",
-        "|---|---|---:|---:|---:|---|",
+        "every core; batch 1 is also timed back to back (a stream, `stream_latency`). Error: the largest |logit "
+        "difference| from JAX, against the largest |logit|.", "",
+        "| variant | runtime | batch 1 (ms) | batch 1, stream (ms) | batch 32 (img/s) | file (MiB) | max error / logit scale |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for variant, per_batch in results["variants"].items():
         for runtime in RUNTIMES:
@@ -170,8 +194,9 @@ def markdown(results: dict) -> str:
             any_ = one or many
             size = f"{any_['file_mib']:.1f}" if any_ and "file_mib" in any_ else "-"
             error = f"{any_['max_abs_error_vs_jax']:.2g} / {any_['logit_scale']:.2g}" if any_ else "-"
-            lines.append(f"| SwiftFormer-{variant} | {runtime} | {1e3 * one['median_s']:.1f} |" if one else
-                         f"| SwiftFormer-{variant} | {runtime} | - |")
+            stream = f"{1e3 * one['stream_median_s']:.1f}" if one and "stream_median_s" in one else "-"
+            lines.append(f"| SwiftFormer-{variant} | {runtime} | {1e3 * one['median_s']:.1f} | {stream} |" if one else
+                         f"| SwiftFormer-{variant} | {runtime} | - | - |")
             lines[-1] += f" {many['images_per_s']:.1f} | {size} | {error} |" if many else f" - | {size} | {error} |"
     first = next(iter(next(iter(results["variants"].values())).values()))
     lines += ["", "Threads: " + "; ".join(f"{runtime} {first[runtime]['threads']}" for runtime in RUNTIMES), ""]
@@ -186,17 +211,22 @@ def plot(results: dict, path: pathlib.Path) -> None:
     variants = [v for v, r in results["variants"].items() if "1" in r]
     if not variants:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(RUNTIMES)
-    for i, runtime in enumerate(RUNTIMES):
-        ms = [1e3 * results["variants"][v]["1"][runtime]["median_s"] for v in variants]
-        ax.bar(np.arange(len(variants)) + i * width, ms, width, label=runtime)
-    ax.set_xticks(np.arange(len(variants)) + 0.4 - width / 2)
-    ax.set_xticklabels([f"SwiftFormer-{v}" for v in variants])
-    ax.set_ylabel("batch-1 latency (ms)")
     m = results["machine"]
-    ax.set_title(f"{m['cpu']}, {m['usable_cores']} cores, {results['image_size']} px, float32", fontsize=9)
-    ax.legend(fontsize=8)
+    panels = [("median_s", "batch 1, interleaved")]
+    if all("stream_median_s" in results["variants"][v]["1"][r] for v in variants for r in RUNTIMES):
+        panels.append(("stream_median_s", "batch 1, back to back"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+    width = 0.8 / len(RUNTIMES)
+    for ax, (key, title) in zip(axes[0], panels):
+        for i, runtime in enumerate(RUNTIMES):
+            ms = [1e3 * results["variants"][v]["1"][runtime][key] for v in variants]
+            ax.bar(np.arange(len(variants)) + i * width, ms, width, label=runtime)
+        ax.set_xticks(np.arange(len(variants)) + 0.4 - width / 2)
+        ax.set_xticklabels([f"SwiftFormer-{v}" for v in variants])
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"{title}: {m['cpu']}, {m['usable_cores']} cores, {results['image_size']} px, "
+                     "float32 (litert-int8: int8)", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

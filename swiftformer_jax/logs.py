@@ -19,8 +19,20 @@ LIBRARY_LOGGERS = ("absl", "orbax", "jax", "jax._src", "tensorflow", "etils", "t
 # Loggers whose WARNINGs are chatter too: the exporters' (jax2onnx warns, with a traceback, of each
 # example plugin whose optional package is absent; onnx_ir of shape values it does not serialise).
 QUIET_LOGGERS = ("jax2onnx", "onnx_ir")
+# WARNINGs that are chatter, by their message's start: orbax's reader looks for a per-item metadata
+# file in `<step>/state/`, which its CheckpointManager never writes there (it keeps the step's one
+# level up), so every read of a checkpoint (predict, export, init_from, the teacher) warned.
+CHATTER = ("Metadata file does not exist",)
 _FORMAT = "%(asctime)s %(message)s"
 _WARNING_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class _DropChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(CHATTER)
+
+
+_DROP_CHATTER = _DropChatter()
 
 
 class _Formatter(logging.Formatter):
@@ -52,6 +64,10 @@ def setup(*, verbose: bool = False, quiet: bool = False) -> None:
     absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(level)
+        if verbose:
+            logging.getLogger(name).removeFilter(_DROP_CHATTER)
+        else:
+            logging.getLogger(name).addFilter(_DROP_CHATTER)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
 

@@ -542,3 +542,31 @@ def test_tpu_plan_counts_an_in_place_update_by_its_slice_and_a_passed_through_bu
     update = 16 * 4 + 16 * 4 + 4  # the piece read and written, the index read
     carry = 16 * 4 + 16 * 4  # y read, n written; the 1024-element buffer only passes through
     assert traffic["hbm_bytes"] == update + carry
+
+
+def test_deploy_latency_stream_times_back_to_back_calls_and_renders_both_measures(tmp_path):
+    import deploy_latency
+
+    calls_made = {"a": 0, "b": 0}
+
+    def call(name):
+        calls_made[name] += 1
+
+    stream = deploy_latency.stream_latency({n: (lambda n=n: call(n)) for n in calls_made}, rounds=2, per_round=3)
+    assert calls_made == {"a": 2 * (1 + 3), "b": 2 * (1 + 3)}  # one untimed call per round each
+    assert set(stream) == {"a", "b"} and all(t >= 0 for t in stream.values())
+
+    def stats(ms, stream_ms=None, batch=1):
+        out = {"median_s": ms / 1e3, "images_per_s": batch * 1e3 / ms, "threads": 2, "file_mib": 1.0,
+               "max_abs_error_vs_jax": 1e-6, "logit_scale": 5.0}
+        return {**out, "stream_median_s": stream_ms / 1e3} if stream_ms else out
+
+    results = {"machine": {"cpu": "CPU", "usable_cores": 2, "memory_gib": 1, "platform": "p"},
+               "command": "python experiments/deploy_latency.py", "date": "d", "versions": {"jax": "0"},
+               "load_average_start": [0, 0, 0], "load_average_end": [0, 0, 0], "image_size": 224,
+               "variants": {"S": {"1": {r: stats(10.0 + i, 5.0 + i) for i, r in enumerate(deploy_latency.RUNTIMES)},
+                                  "32": {r: stats(300.0, batch=32) for r in deploy_latency.RUNTIMES}}}}
+    text = deploy_latency.markdown(results)
+    assert "| SwiftFormer-S | litert | 12.0 | 7.0 | 106.7 |" in text and "litert-int8" in text
+    deploy_latency.plot(results, tmp_path / "deploy.png")
+    assert (tmp_path / "deploy.png").stat().st_size > 0
