@@ -260,7 +260,7 @@ def op_counts(path: str | os.PathLike, fmt: str) -> dict[str, int]:
 
 def check_request(fmt: str, output: str | os.PathLike, *, batch: int, image_size: Sequence[int] | None,
                   layout: str, quantize: str | None, overwrite: bool,
-                  representative: str | os.PathLike | None = None) -> None:
+                  representative: str | os.PathLike | None = None, dynamic_batch: bool = False) -> None:
     """Every argument's problem, named, before anything is loaded or written."""
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {FORMATS}, got {fmt!r}")
@@ -279,6 +279,9 @@ def check_request(fmt: str, output: str | os.PathLike, *, batch: int, image_size
         raise ExportError("--quantize int8 calibrates on --representative images: name a folder of images or a .npy")
     if representative is not None and quantize != "int8":
         raise ExportError("--representative is for --quantize int8")
+    if quantize == "int8" and dynamic_batch:
+        raise ExportError("--quantize int8 needs a fixed --batch: under a dynamic batch TFLite's converter cannot "
+                          "fuse GELU into its builtin, and ai-edge-litert aborts on the int8 form of GELU's polynomial")
     if representative is not None and not paths.exists(representative):
         raise ExportError(f"--representative {representative} does not exist")
     output = paths.path(output)
@@ -298,7 +301,7 @@ def export(checkpoint_path: str | os.PathLike, fmt: str, output: str | os.PathLi
     seeded random images.
     """
     check_request(fmt, output, batch=batch, image_size=image_size, layout=layout, quantize=quantize,
-                  overwrite=overwrite, representative=representative)
+                  overwrite=overwrite, representative=representative, dynamic_batch=dynamic_batch)
     import jax
 
     from swiftformer_jax import checkpoint, fold, logs

@@ -193,6 +193,7 @@ def test_representative_images_are_read_and_refused_by_name(tmp_path):
     (dict(quantize="int8"), "calibrates on --representative"),
     (dict(quantize="int8-weights", representative="images.npy"), "is for --quantize int8"),
     (dict(quantize="int8", representative="nowhere.npy"), "nowhere.npy does not exist"),
+    (dict(quantize="int8", representative=__file__, dynamic_batch=True), "needs a fixed --batch"),
 ])
 def test_bad_requests_fail_before_anything_is_written(saved, tmp_path, change, message):
     path, _, _ = saved["XS"]
