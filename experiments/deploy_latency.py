@@ -11,7 +11,8 @@ nothing of a trained network's: `quantized_agreement.py` measures that). Then JA
 default implementation), onnxruntime (CPU provider), LiteRT float32 and int8 (the ai-edge-litert
 interpreter with its default XNNPACK delegate), PyTorch eager and `torch.compile` are timed
 interleaved, call by call (`benchmark.time_interleaved`), each with every core of the machine;
-at batch 1 also back to back, as a stream of requests (`stream_latency`). Writes `experiments/results/<tag>.{json,md,png}`.
+at batch 1 also back to back, with no pause (`back_to_back_latency`). Writes
+`experiments/results/<tag>.{json,md,png}`.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 RUNTIMES = ("jax", "onnxruntime", "litert", "litert-int8", "torch-eager", "torch-compile")
 CALIBRATION_IMAGES = 16  # seeded random images: the weights are random too, so only the speed is meaningful
 REPS = {1: 30, 32: 8}  # timed rounds per batch size (others: 8)
-STREAM_ROUNDS, STREAM_CALLS = 3, 10  # batch 1 back to back: rounds of this many calls per runtime
+BACK_TO_BACK_ROUNDS, BACK_TO_BACK_CALLS = 3, 10  # batch 1 with no pause: rounds of this many calls per runtime
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,24 +138,26 @@ def run(args) -> dict:
                 calls, facts = runtime_calls(variant, batch, args.image_size, pathlib.Path(scratch), threads)
                 reps = args.reps or REPS.get(batch, 8)
                 timed = benchmark.time_interleaved(calls, reps, args.warmup)
-                stream = stream_latency(calls) if batch == 1 else {}
+                back_to_back = back_to_back_latency(calls) if batch == 1 else {}
                 for name, stats in timed.items():
                     stats.update(facts[name], images_per_s=batch / stats["median_s"])
-                    if name in stream:
-                        stats["stream_median_s"] = stream[name]
+                    if name in back_to_back:
+                        stats["back_to_back_median_s"] = back_to_back[name]
                 per_batch[str(batch)] = timed
                 print("  " + ", ".join(f"{n} {1e3 * s['median_s']:.1f} ms" for n, s in timed.items()), flush=True)
-                if stream:
-                    print("  stream: " + ", ".join(f"{n} {1e3 * t:.1f} ms" for n, t in stream.items()), flush=True)
+                if back_to_back:
+                    print("  back to back: " + ", ".join(f"{n} {1e3 * t:.1f} ms" for n, t in back_to_back.items()),
+                          flush=True)
             results["variants"][variant] = per_batch
     results["load_average_end"] = benchmark.load_average()
     return results
 
 
-def stream_latency(calls: dict, rounds: int = STREAM_ROUNDS, per_round: int = STREAM_CALLS) -> dict[str, float]:
-    """Median seconds per call when each runtime is called back to back, as a server answering a
-    stream of requests is; the runtimes take turns round by round. The interleaved timing pauses
-    and switches runtime before every call, which costs some runtimes their warm threads."""
+def back_to_back_latency(calls: dict, rounds: int = BACK_TO_BACK_ROUNDS,
+                         per_round: int = BACK_TO_BACK_CALLS) -> dict[str, float]:
+    """Median seconds per call when each runtime is called back to back with no pause, as a server
+    under steady load is; the runtimes take turns round by round. The interleaved timing pauses and
+    switches runtime before every call, which costs some runtimes their warm threads."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
@@ -181,10 +184,12 @@ def markdown(results: dict) -> str:
         f"Produced by `{results['command'].strip()}` on {results['date']}: {m['cpu']}, {m['usable_cores']} cores, "
         f"{m['memory_gib']} GiB, {m['platform']}; {versions}. Load average {results['load_average_start']} at the "
         f"start, {results['load_average_end']} at the end. {results['image_size']} px, float32 (litert-int8: "
-        "int8 weights and activations, calibrated on random images), random weights (the same in every runtime). Median of interleaved calls (min-max in the JSON); every runtime uses "
-        "every core; batch 1 is also timed back to back (a stream, `stream_latency`). Error: the largest |logit "
-        "difference| from JAX, against the largest |logit|.", "",
-        "| variant | runtime | batch 1 (ms) | batch 1, stream (ms) | batch 32 (img/s) | file (MiB) | max error / logit scale |",
+        "int8 weights and activations, calibrated on random images), random weights (the same in every "
+        "runtime). Median of interleaved calls (min-max in the JSON); every runtime uses every core; batch 1 is "
+        "also timed back to back, with no pause (`back_to_back_latency`). Error: the largest |logit difference| "
+        "from JAX, against the largest |logit|.", "",
+        "| variant | runtime | batch 1 (ms) | batch 1, back to back (ms) | batch 32 (img/s) | file (MiB) "
+        "| max error / logit scale |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
     for variant, per_batch in results["variants"].items():
@@ -194,8 +199,8 @@ def markdown(results: dict) -> str:
             any_ = one or many
             size = f"{any_['file_mib']:.1f}" if any_ and "file_mib" in any_ else "-"
             error = f"{any_['max_abs_error_vs_jax']:.2g} / {any_['logit_scale']:.2g}" if any_ else "-"
-            stream = f"{1e3 * one['stream_median_s']:.1f}" if one and "stream_median_s" in one else "-"
-            lines.append(f"| SwiftFormer-{variant} | {runtime} | {1e3 * one['median_s']:.1f} | {stream} |" if one else
+            back = f"{1e3 * one['back_to_back_median_s']:.1f}" if one and "back_to_back_median_s" in one else "-"
+            lines.append(f"| SwiftFormer-{variant} | {runtime} | {1e3 * one['median_s']:.1f} | {back} |" if one else
                          f"| SwiftFormer-{variant} | {runtime} | - | - |")
             lines[-1] += f" {many['images_per_s']:.1f} | {size} | {error} |" if many else f" - | {size} | {error} |"
     first = next(iter(next(iter(results["variants"].values())).values()))
@@ -213,8 +218,8 @@ def plot(results: dict, path: pathlib.Path) -> None:
         return
     m = results["machine"]
     panels = [("median_s", "batch 1, interleaved")]
-    if all("stream_median_s" in results["variants"][v]["1"][r] for v in variants for r in RUNTIMES):
-        panels.append(("stream_median_s", "batch 1, back to back"))
+    if all("back_to_back_median_s" in results["variants"][v]["1"][r] for v in variants for r in RUNTIMES):
+        panels.append(("back_to_back_median_s", "batch 1, back to back"))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
     width = 0.8 / len(RUNTIMES)
     for ax, (key, title) in zip(axes[0], panels):

@@ -37,6 +37,20 @@ from swiftformer_jax import checkpoint, export, input_pipeline  # noqa: E402
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+def read_split(config: dict, part: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The images (eval preprocessing) and labels of a workdir config's data set, `part` "eval" or
+    "train", the first `limit` of them (all when None)."""
+    images, labels = [], []
+    for batch in input_pipeline.eval_dataset(
+            config["dataset"], config.get("data_dir"), local_batch_size=50, image_size=config["image_size"],
+            crop_pct=config["eval_crop_pct"], process_index=0, process_count=1, part=part):
+        images.append(batch["image"][batch["mask"]])
+        labels.append(batch["label"][batch["mask"]])
+        if limit is not None and sum(map(len, images)) >= limit:
+            break
+    return np.concatenate(images)[:limit], np.concatenate(labels)[:limit]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a training workdir (its config.json names the data)")
@@ -45,6 +59,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default="quantized_agreement")
     parser.add_argument("--output-dir", default=str(HERE / "results"))
     args = parser.parse_args(argv)
+    if args.calibration_images < 1:
+        parser.error(f"--calibration-images must be >= 1, got {args.calibration_images}")
     from swiftformer_jax import logs
 
     logs.setup()
@@ -53,22 +69,8 @@ def main(argv=None) -> int:
         parser.error(f"{config_path} not found: --checkpoint must be a training workdir")
     config = json.loads(config_path.read_text())
     spec, variables = checkpoint.load_variables(args.checkpoint, ema=args.ema)
-    batches = input_pipeline.eval_dataset(
-        config["dataset"], config.get("data_dir"), local_batch_size=50, image_size=config["image_size"],
-        crop_pct=config["eval_crop_pct"], process_index=0, process_count=1)
-    images, labels = [], []
-    for batch in batches:
-        images.append(batch["image"][batch["mask"]])
-        labels.append(batch["label"][batch["mask"]])
-    images, labels = np.concatenate(images), np.concatenate(labels)
-    calibration = []
-    for batch in input_pipeline.eval_dataset(
-            config["dataset"], config.get("data_dir"), local_batch_size=50, image_size=config["image_size"],
-            crop_pct=config["eval_crop_pct"], process_index=0, process_count=1, part="train"):
-        calibration.append(batch["image"][batch["mask"]])
-        if sum(map(len, calibration)) >= args.calibration_images:
-            break
-    calibration = np.concatenate(calibration)[:args.calibration_images]
+    images, labels = read_split(config, "eval")
+    calibration, _ = read_split(config, "train", limit=args.calibration_images)
     size = (config["image_size"], config["image_size"])
     reference = np.asarray(jax.jit(lambda x: spec.build().apply(variables, x))(images))
     results = {"command": "python experiments/quantized_agreement.py " + " ".join(sys.argv[1:] if argv is None else argv),

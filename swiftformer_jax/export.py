@@ -122,7 +122,7 @@ def to_tflite(fn: Callable, shape: tuple, quantize: str | None = None,
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if quantize is not None:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # without a representative data set: weights only
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # weights only, unless calibrated below
     if quantize == "int8":
         if representative is None or not len(representative):
             raise ExportError("--quantize int8 needs representative images to calibrate on")
@@ -409,10 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     ops = ", ".join(f"{name} {count}" for name, count in sorted(report["ops"].items(), key=lambda kv: -kv[1]))
     print(f"wrote {report['file']} ({report['bytes'] / 2**20:.1f} MiB): {report['model']}, input images "
           f"{report['layout'].upper()} {report['input_shape']}, output logits")
-    checked_on = ("representative" if report["calibration_images"] else "random") + " images"
+    checked_on = "random"
     if report["calibration_images"]:
         print(f"calibrated on {report['calibration_images']} representative images")
-    print(f"checked on {report['check_images']} {checked_on}: max |error| {report['max_abs_error']:.3g} "
+        checked_on = "representative"
+    print(f"checked on {report['check_images']} {checked_on} images: max |error| {report['max_abs_error']:.3g} "
           f"({report['relative_error']:.2g} of the logit scale), top-1 agreement {report['top1_agreement']:.3f}")
     print(f"ops: {ops}")
     return 0

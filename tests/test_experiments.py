@@ -544,7 +544,7 @@ def test_tpu_plan_counts_an_in_place_update_by_its_slice_and_a_passed_through_bu
     assert traffic["hbm_bytes"] == update + carry
 
 
-def test_deploy_latency_stream_times_back_to_back_calls_and_renders_both_measures(tmp_path):
+def test_deploy_latency_times_back_to_back_calls_and_renders_both_measures(tmp_path):
     import deploy_latency
 
     calls_made = {"a": 0, "b": 0}
@@ -552,14 +552,14 @@ def test_deploy_latency_stream_times_back_to_back_calls_and_renders_both_measure
     def call(name):
         calls_made[name] += 1
 
-    stream = deploy_latency.stream_latency({n: (lambda n=n: call(n)) for n in calls_made}, rounds=2, per_round=3)
+    back = deploy_latency.back_to_back_latency({n: (lambda n=n: call(n)) for n in calls_made}, rounds=2, per_round=3)
     assert calls_made == {"a": 2 * (1 + 3), "b": 2 * (1 + 3)}  # one untimed call per round each
-    assert set(stream) == {"a", "b"} and all(t >= 0 for t in stream.values())
+    assert set(back) == {"a", "b"} and all(t >= 0 for t in back.values())
 
-    def stats(ms, stream_ms=None, batch=1):
+    def stats(ms, back_ms=None, batch=1):
         out = {"median_s": ms / 1e3, "images_per_s": batch * 1e3 / ms, "threads": 2, "file_mib": 1.0,
                "max_abs_error_vs_jax": 1e-6, "logit_scale": 5.0}
-        return {**out, "stream_median_s": stream_ms / 1e3} if stream_ms else out
+        return {**out, "back_to_back_median_s": back_ms / 1e3} if back_ms else out
 
     results = {"machine": {"cpu": "CPU", "usable_cores": 2, "memory_gib": 1, "platform": "p"},
                "command": "python experiments/deploy_latency.py", "date": "d", "versions": {"jax": "0"},
