@@ -186,8 +186,11 @@ def representative_images(source: str | os.PathLike, image_size: tuple[int, int]
                               f"(--image-size {height} {width}); pass a .npy of preprocessed images")
         images = np.stack([predict.preprocess(predict.load_image(p), height) for p in files])
     elif source.is_file() and source.suffix == ".npy":
-        with source.open("rb") as f:
-            images = np.load(f, allow_pickle=False)
+        try:
+            with source.open("rb") as f:
+                images = np.load(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:  # truncated, not a .npy, or pickled objects
+            raise ExportError(f"--representative {source}: cannot read it as a .npy array ({error})") from None
         if images.ndim != 4 or images.shape[1:] != (height, width, 3):
             raise ExportError(f"--representative {source}: images of shape {images.shape}; the export needs "
                               f"[N, {height}, {width}, 3] (NHWC, preprocessed)")

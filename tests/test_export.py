@@ -180,6 +180,8 @@ def test_representative_images_are_read_and_refused_by_name(tmp_path):
         (tmp_path / "good.npy.txt", (40, 48), "not a folder of images or a .npy"),
     ]
     (tmp_path / "good.npy.txt").write_text("x")
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "good.npy").read_bytes()[:300])
+    cases.append((tmp_path / "cut.npy", (40, 48), "cannot read it as a .npy array"))
     for source, size, message in cases:
         with pytest.raises(export.ExportError, match=re.escape(message)) as error:
             export.representative_images(source, size)
