@@ -19,10 +19,12 @@ LIBRARY_LOGGERS = ("absl", "orbax", "jax", "jax._src", "tensorflow", "etils", "t
 # Loggers whose WARNINGs are chatter too: the exporters' (jax2onnx warns, with a traceback, of each
 # example plugin whose optional package is absent; onnx_ir of shape values it does not serialise).
 QUIET_LOGGERS = ("jax2onnx", "onnx_ir")
-# WARNINGs that are chatter, by their message's start: orbax's reader looks for a per-item metadata
+# WARNINGs that are chatter, by their message's start. orbax's reader looks for a per-item metadata
 # file in `<step>/state/`, which its CheckpointManager never writes there (it keeps the step's one
-# level up), so every read of a checkpoint (predict, export, init_from, the teacher) warned.
-CHATTER = ("Metadata file does not exist",)
+# level up), so every read of a checkpoint (predict, export, init_from, the teacher) warned. And
+# with a best-checkpoint metric, orbax warns at each save given no metrics: the trainer's saves
+# between evaluations, which by design carry none (the latest-N policy keeps them).
+CHATTER = ("Metadata file does not exist", "Requested `tracked_metric`; did not provide metrics")
 _FORMAT = "%(asctime)s %(message)s"
 _WARNING_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 

@@ -9,11 +9,12 @@ from absl import logging as absl_logging
 from swiftformer_jax import logs
 
 
-def test_a_checkpoint_read_prints_no_orbax_metadata_warning_unless_verbose(caplog):
+def test_orbax_warnings_about_our_checkpoint_layout_are_dropped_unless_verbose(caplog):
     caplog.set_level(logging.WARNING)
     try:
         logs.setup()
         absl_logging.warning("Metadata file does not exist: %s", "/ckpt/0/state/_CHECKPOINT_METADATA")
+        absl_logging.warning("Requested `tracked_metric`; did not provide metrics.")
         absl_logging.warning("a real warning: %s", "kept")
         assert [r.getMessage() for r in caplog.records] == ["a real warning: kept"]
         caplog.clear()
