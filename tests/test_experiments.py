@@ -19,6 +19,7 @@ sys.path.insert(0, str(EXPERIMENTS))
 
 import attention_scaling  # noqa: E402
 import benchmark  # noqa: E402
+from swiftformer_jax.model import ModelSpec  # noqa: E402
 
 
 def test_attention_scaling_tiny_run(tmp_path):
@@ -225,6 +226,10 @@ def test_benchmark_gpu_path_runs_with_cuda_faked(tmp_path, monkeypatch):
         return read
 
     monkeypatch.setattr(benchmark, "device_memory_reader", fake_reader)
+    # The JAX side on a miniature: XS's own train steps (bfloat16, and float32 for the FLOP count)
+    # would be most of this test's time, and the GPU path's lines are the same for any network.
+    monkeypatch.setattr(benchmark, "create_model", lambda variant, dtype, impl: ModelSpec(
+        (1, 1, 1, 1), (8, 16, 16, 24)).build(dtype=dtype, impl=impl))
     benchmark.main([
         "--device", "gpu", "--variants", "XS", "--configs", "jax-bf16,torch-eager-bf16",
         "--tasks", "latency,train", "--image-size", "32", "--batch", "2", "--train-batch", "2", "--reps", "1",
