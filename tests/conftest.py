@@ -31,12 +31,39 @@ import pytest  # noqa: E402
 
 from swiftformer_jax import xla_flags  # noqa: E402
 
-# Tests compile far more than they run: LLVM's optimisation level 0 compiles about 40% faster
-# (test_model's XS forward/backward: 44 -> 27 s) and computes the same function; only the machine
-# code is slower, which no test times. Then what main.py runs with. Both reach subprocesses.
-if "--xla_backend_optimization_level=" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# Tests compile far more than they run, so they compile for speed of compiling: LLVM's optimisation
+# level 0, and XLA:CPU's older elemental emitters instead of its MLIR fusion emitters (the emitters
+# alone take a quarter off the suite's CPU time: the README's test command under `time`, cold
+# cache, 2 cores). The code either way computes the same function: SwiftFormer-S's logits and
+# every gradient come out bit-identical with and without the emitters. Only the machine code is
+# slower, which no test times. Then the flags main.py runs with. All reach subprocesses.
+for _flag, _value in (("xla_backend_optimization_level", "0"), ("xla_cpu_use_fusion_emitters", "false")):
+    if f"--{_flag}=" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --{_flag}={_value}").strip()
 xla_flags.apply()  # before any test starts JAX's backend
+
+
+# The test files, slowest first by their time on 2 cores from a cold compilation cache (the README's
+# test command with `--durations=0`). `--dist loadfile` hands whole files to the workers in
+# collection order, so the long ones start first and the short ones fill in at the end; by
+# default pytest-xdist orders files by their number of tests, which started the one-test files
+# (the fault injection, the two-process runs) last. Files not named here follow, in their order.
+SLOWEST_FILES_FIRST = (
+    "test_multihost.py", "test_faults.py", "test_parity.py", "test_train.py", "test_sharding.py",
+    "test_export.py", "test_aot.py", "test_input_pipeline.py", "test_model.py", "test_gcs.py",
+    "test_experiments.py", "test_accumulation.py", "test_ops.py", "test_regnet.py", "test_checkpoint.py",
+    "test_convert.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the collection's file order
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
 
 
 def device_flags(count: int) -> str:
