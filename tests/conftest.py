@@ -90,6 +90,22 @@ def _remove_tfds_scratch_dirs():
             pass
 
 
+@pytest.fixture(autouse=True)
+def _project_logger_as_found():
+    """Give each test the project logger as the previous one found it.
+
+    A command line's `logs.setup()` (export, main) sends the `swiftformer_jax` logger to the
+    sys.stderr of that moment: under `capsys` a capture that closes with the test. Kept, it would
+    write a later test's INFO lines into a closed stream (a "Logging error" on that test's stderr).
+    """
+    import logging
+
+    logger = logging.getLogger("swiftformer_jax")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+
+
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory) -> str:
     """A TFDS data dir holding the digits data set (written once per session, from scikit-learn)."""
