@@ -80,6 +80,17 @@ class CorruptCheckpointError(ValueError):
         self.step_dir, self.reason = str(step_dir), reason
 
 
+def read_error(error: BaseException) -> str:
+    """The first line of the error underneath an array read that failed.
+
+    orbax wraps tensorstore's error, which names the array and the file ("Error reading
+    "params.head.kernel/0.0" in OCDBT database at ...: Requested byte range ... is not valid"), in
+    one that names a slice and prints the whole TensorStore spec.
+    """
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return first_line(error)
+
 
 class Checkpointer:
     """orbax CheckpointManager of a checkpoint directory (the trainer's: `WORKDIR/checkpoints`).
@@ -179,7 +190,7 @@ class Checkpointer:
                 step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
             )
         except Exception as error:  # noqa: BLE001 - tensorstore and orbax raise many types
-            raise CorruptCheckpointError(self.step_dir(step), f"{STATE_ITEM}/: {first_line(error)}") from None
+            raise CorruptCheckpointError(self.step_dir(step), f"{STATE_ITEM}/: {read_error(error)}") from None
         return restored[STATE_ITEM]
 
     def _state_metadata(self, step: int) -> Any:
@@ -395,7 +406,7 @@ def _restore_variables_from_step_dir(step_dir: paths.epath.Path, ema: bool) -> t
                 args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
             )
         except Exception as error:  # noqa: BLE001 - tensorstore and orbax raise many types
-            raise CorruptCheckpointError(step_dir, f"{STATE_ITEM}/: {first_line(error)}") from None
+            raise CorruptCheckpointError(step_dir, f"{STATE_ITEM}/: {read_error(error)}") from None
     return spec, {"params": restored[names[0]], "batch_stats": restored[names[1]]}
 
 

@@ -25,6 +25,12 @@ QUIET_LOGGERS = ("jax2onnx", "onnx_ir")
 # with a best-checkpoint metric, orbax warns at each save given no metrics: the trainer's saves
 # between evaluations, which by design carry none (the latest-N policy keeps them).
 CHATTER = ("Metadata file does not exist", "Requested `tracked_metric`; did not provide metrics")
+# What an orbax restore that failed (a damaged checkpoint, already reported as one line) leaves
+# behind: its abandoned shard reads end as "unraisable" exceptions (coroutines closed mid-read, and
+# tensorstore callbacks into the closed event loop: hundreds per restore, each a long traceback
+# with the whole TensorStore spec), and asyncio logs each of its read tasks' errors once more.
+ABANDONED_READS = ("_read_array_index_and_device_put",)  # orbax's per-shard read coroutine
+ABANDONED_TASKS = ("coro=<async_deserialize()",)  # orbax's per-array read task
 _FORMAT = "%(asctime)s %(message)s"
 _WARNING_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -35,6 +41,42 @@ class _DropChatter(logging.Filter):
 
 
 _DROP_CHATTER = _DropChatter()
+
+
+class _DropAbandonedTasks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Task exception was never retrieved") and any(t in message for t in ABANDONED_TASKS))
+
+
+_DROP_ABANDONED_TASKS = _DropAbandonedTasks()
+
+
+class _UnraisableFilter:
+    """sys.unraisablehook that drops what a failed orbax read leaves behind, and passes the rest on."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
+        if (code is not None and code.co_name in ABANDONED_READS) or (
+                unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            return
+        self.previous(unraisable)
+
+
+def _drop_abandoned_reads(drop: bool) -> None:
+    previous = sys.unraisablehook
+    if isinstance(previous, _UnraisableFilter):
+        previous = previous.previous
+    sys.unraisablehook = _UnraisableFilter(previous) if drop else previous
+    asyncio_log = logging.getLogger("asyncio")
+    if drop:
+        asyncio_log.addFilter(_DROP_ABANDONED_TASKS)
+    else:
+        asyncio_log.removeFilter(_DROP_ABANDONED_TASKS)
 
 
 class _Formatter(logging.Formatter):
@@ -52,7 +94,8 @@ def setup(*, verbose: bool = False, quiet: bool = False) -> None:
     """Send the project's lines to stderr; libraries at WARNING unless `verbose`.
 
     `quiet` (processes other than 0 of a multi-process run) keeps the project's lines at WARNING
-    too, so a job prints one progress log. TensorFlow prints two oneDNN notices when it is first
+    too, so a job prints one progress log. Unless `verbose`, what a failed checkpoint read leaves
+    behind (`ABANDONED_READS`, `ABANDONED_TASKS`) is dropped too: the failure itself is reported. TensorFlow prints two oneDNN notices when it is first
     imported, through a C++ logger no setting here reaches.
     """
     handler = logging.StreamHandler(sys.stderr)
@@ -72,6 +115,7 @@ def setup(*, verbose: bool = False, quiet: bool = False) -> None:
             logging.getLogger(name).addFilter(_DROP_CHATTER)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    _drop_abandoned_reads(not verbose)
 
 
 def first_line(error: BaseException) -> str:

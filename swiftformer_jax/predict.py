@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from swiftformer_jax import paths, xla_flags
+from swiftformer_jax import logs, paths, xla_flags
 from swiftformer_jax.model import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 with a one-line message for user errors)."""
     args = _parser().parse_args(argv)
     xla_flags.apply()  # before the first computation starts JAX's backend
+    logs.setup(quiet=True)  # results on stdout, an error as one line; the libraries' chatter kept out
     try:
         if args.top_k < 1:
             raise ValueError(f"--top-k must be at least 1, got {args.top_k}")

@@ -91,19 +91,22 @@ def _remove_tfds_scratch_dirs():
 
 
 @pytest.fixture(autouse=True)
-def _project_logger_as_found():
-    """Give each test the project logger as the previous one found it.
+def _logging_as_found():
+    """Give each test the project logger and the unraisable hook as the previous test found them.
 
-    A command line's `logs.setup()` (export, main) sends the `swiftformer_jax` logger to the
-    sys.stderr of that moment: under `capsys` a capture that closes with the test. Kept, it would
-    write a later test's INFO lines into a closed stream (a "Logging error" on that test's stderr).
+    A command line's `logs.setup()` (export, predict, main) sends the `swiftformer_jax` logger to
+    the sys.stderr of that moment: under `capsys` a capture that closes with the test. Kept, it
+    would write a later test's INFO lines into a closed stream (a "Logging error" on that test's
+    stderr). It also wraps sys.unraisablehook, which pytest reports through.
     """
     import logging
 
     logger = logging.getLogger("swiftformer_jax")
     handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    unraisablehook = sys.unraisablehook
     yield
     logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+    sys.unraisablehook = unraisablehook
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -276,6 +278,48 @@ def test_a_damaged_step_is_named_by_every_reader_and_can_be_moved_aside(tmp_path
         _damage(root / "corrupt-2", kind, every_array_file=True)  # the weights' file among them
         with pytest.raises(checkpoint.CorruptCheckpointError, match=r"corrupt-2 is damaged: (state|model)/"):
             checkpoint.load_variables(root / "corrupt-2")
+
+
+DAMAGED_RESTORE = r"""
+import gc, os, pathlib, sys, time
+sys.path.insert(0, REPO)
+import jax, numpy as np
+from swiftformer_jax import checkpoint, logs
+from swiftformer_jax.model import ModelSpec
+
+logs.setup(verbose=VERBOSE)
+state = {f"a{i}": np.random.RandomState(i).standard_normal((64, 64)).astype(np.float32) for i in range(40)}
+manager = checkpoint.Checkpointer(DIRECTORY, keep=1, asynchronous=False)
+manager.save(1, state, ModelSpec((1, 1, 1, 1), (8, 16, 16, 24), 10, True))
+step_dir = pathlib.Path(str(manager.step_dir(1)))
+os.truncate(max(step_dir.glob("state/ocdbt.process_0/d/*"), key=os.path.getsize), 100)  # the largest array file
+try:
+    manager.restore(1, jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+except checkpoint.CorruptCheckpointError as error:
+    print("REASON", error.reason, flush=True)
+manager.close()
+time.sleep(1.0)  # the abandoned reads finish in tensorstore's threads
+gc.collect()
+print("DONE", flush=True)
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_failed_restore_prints_its_reason_and_none_of_orbax_abandoned_reads(tmp_path, verbose):
+    """orbax leaves hundreds of tracebacks behind a restore that failed (closed read coroutines,
+    callbacks into its closed event loop); `logs.setup()` drops them, `verbose` keeps them."""
+    from conftest import REPO
+
+    code = f"REPO, DIRECTORY, VERBOSE = {REPO!r}, {str(tmp_path / 'c')!r}, {verbose}\n" + DAMAGED_RESTORE
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "DONE" in proc.stdout, proc.stderr[-3000:]
+    reason = next(line for line in proc.stdout.splitlines() if line.startswith("REASON "))
+    assert 'Error reading "a' in reason and "TensorStore" not in reason, reason  # the array and the file
+    noise = ("Traceback", "Exception ignored", "Event loop is closed", "Task exception was never retrieved")
+    if verbose:
+        assert any(n in proc.stderr for n in noise), proc.stderr[-3000:]  # what the default drops
+    else:
+        assert not any(n in proc.stderr for n in noise), proc.stderr[-3000:]
 
 
 def test_a_state_of_another_shape_is_refused_not_taken_for_damage(tmp_path):
