@@ -46,7 +46,8 @@ _DROP_CHATTER = _DropChatter()
 class _DropAbandonedTasks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
-        return not (message.startswith("Task exception was never retrieved") and any(t in message for t in ABANDONED_TASKS))
+        abandoned = any(task in message for task in ABANDONED_TASKS)
+        return not (message.startswith("Task exception was never retrieved") and abandoned)
 
 
 _DROP_ABANDONED_TASKS = _DropAbandonedTasks()
@@ -95,8 +96,9 @@ def setup(*, verbose: bool = False, quiet: bool = False) -> None:
 
     `quiet` (processes other than 0 of a multi-process run) keeps the project's lines at WARNING
     too, so a job prints one progress log. Unless `verbose`, what a failed checkpoint read leaves
-    behind (`ABANDONED_READS`, `ABANDONED_TASKS`) is dropped too: the failure itself is reported. TensorFlow prints two oneDNN notices when it is first
-    imported, through a C++ logger no setting here reaches.
+    behind (`ABANDONED_READS`, `ABANDONED_TASKS`) is dropped too: the failure itself is reported.
+    TensorFlow prints two oneDNN notices when it is first imported, through a C++ logger no
+    setting here reaches.
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
