@@ -18,7 +18,7 @@ these flags; GPU and TPU runs are unaffected.
 from __future__ import annotations
 
 import os
-from typing import MutableMapping
+from typing import Mapping, MutableMapping
 
 from swiftformer_jax import host_allocator
 
@@ -34,9 +34,15 @@ def apply(environ: MutableMapping[str, str] = os.environ) -> str:
     """
     if environ is os.environ:
         host_allocator.apply_for_cpu(environ)
-    flags = environ.get("XLA_FLAGS", "")
-    for name, value in CPU_FLAGS.items():
-        if f"--{name}=" not in flags:
-            flags = f"{flags} --{name}={value}".strip()
-    environ["XLA_FLAGS"] = flags
-    return flags
+    return add_flags(CPU_FLAGS, environ)
+
+
+def add_flags(flags: Mapping[str, str], environ: MutableMapping[str, str] = os.environ) -> str:
+    """Add each `--name=value` of `flags` to environ["XLA_FLAGS"] unless that flag is already set
+    there (a value given first wins); returns the result."""
+    current = environ.get("XLA_FLAGS", "")
+    for name, value in flags.items():
+        if f"--{name}=" not in current:
+            current = f"{current} --{name}={value}".strip()
+    environ["XLA_FLAGS"] = current
+    return current

@@ -37,9 +37,7 @@ from swiftformer_jax import xla_flags  # noqa: E402
 # cache, 2 cores). The code either way computes the same function: SwiftFormer-S's logits and
 # every gradient come out bit-identical with and without the emitters. Only the machine code is
 # slower, which no test times. Then the flags main.py runs with. All reach subprocesses.
-for _flag, _value in (("xla_backend_optimization_level", "0"), ("xla_cpu_use_fusion_emitters", "false")):
-    if f"--{_flag}=" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --{_flag}={_value}").strip()
+xla_flags.add_flags({"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"})
 xla_flags.apply()  # before any test starts JAX's backend
 
 
