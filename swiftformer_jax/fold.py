@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 from swiftformer_jax.layers import PYTORCH_BN_EPS
 
@@ -75,7 +76,7 @@ def fold_for_inference(variables: Tree, epsilon: float = PYTORCH_BN_EPS) -> dict
     for head in ("head", "dist_head"):
         if head in params:
             _scale_inputs(params[head], inv, shift)
-    leftover = _leaves(stats)
+    leftover = ["/".join(path) for path in traverse_util.flatten_dict(stats)]  # empty dicts dropped
     if leftover:
         raise ValueError(f"batch statistics with no batch norm to fold into: {leftover[:3]}")
     return {"params": params}
@@ -115,15 +116,8 @@ def _pop(tree: dict, path: tuple[str, ...]):
     return node.pop(path[-1])
 
 
-def _leaves(tree, prefix: str = "") -> list[str]:
-    if not isinstance(tree, dict):
-        return [prefix]
-    return [leaf for key, value in tree.items() for leaf in _leaves(value, f"{prefix}/{key}" if prefix else key)]
-
-
 def _to_numpy(tree):
     """A mutable float32 copy (numpy: the folding is done once, on the host)."""
     if isinstance(tree, Mapping):
         return {key: _to_numpy(value) for key, value in tree.items()}
     return np.asarray(tree, dtype=np.float32).copy()
-

@@ -168,12 +168,12 @@ def _layer_scale(module: nn.Module, name: str, y: jax.Array, init_value: float) 
     return y * scale.astype(y.dtype)
 
 
-def _batch_norm(module: nn.Module, name: str, x: jax.Array, train: bool, dtype: Dtype) -> jax.Array:
+def _batch_norm(module: nn.Module, name: str, x: jax.Array, train: bool) -> jax.Array:
     """`module`'s BatchNorm `name` on `x`; `x` itself when the module is `folded` (`fold.py` moved
     the normalisation into the adjacent linear op)."""
     if module.folded:
         return x
-    return BatchNorm(module.bn_group_size, dtype=dtype, impl=module.impl, name=name)(x, train)
+    return BatchNorm(module.bn_group_size, dtype=module.dtype, impl=module.impl, name=name)(x, train)
 
 
 class Stem(nn.Module):
@@ -183,15 +183,14 @@ class Stem(nn.Module):
     bn_group_size: int | None = None
     dtype: Dtype = jnp.float32
     impl: str = "cpu"
-
     folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = Conv3x3Stride2(self.width // 2, self.dtype, self.impl, name="conv1")(x)
-        x = nn.relu(_batch_norm(self, "norm1", x, train, self.dtype))
+        x = nn.relu(_batch_norm(self, "norm1", x, train))
         x = Conv3x3Stride2(self.width, self.dtype, self.impl, name="conv2")(x)
-        return nn.relu(_batch_norm(self, "norm2", x, train, self.dtype))
+        return nn.relu(_batch_norm(self, "norm2", x, train))
 
 
 class Embedding(nn.Module):
@@ -201,13 +200,12 @@ class Embedding(nn.Module):
     bn_group_size: int | None = None
     dtype: Dtype = jnp.float32
     impl: str = "cpu"
-
     folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = Conv3x3Stride2(self.width, self.dtype, self.impl, name="proj")(x)
-        return _batch_norm(self, "norm", x, train, self.dtype)
+        return _batch_norm(self, "norm", x, train)
 
 
 class ConvEncoder(nn.Module):
@@ -229,7 +227,7 @@ class ConvEncoder(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         channels = x.shape[-1]
         y = DepthwiseConv3x3(self.dtype, self.impl, name="dwconv")(x)
-        y = _batch_norm(self, "norm", y, train, self.dtype)
+        y = _batch_norm(self, "norm", y, train)
         y = dense_layer(self.hidden_dim, self.dtype, "pwconv1")(y)
         y = ops.gelu(y, self.impl)  # PyTorch nn.GELU() is the exact, erf form
         y = dense_layer(channels, self.dtype, "pwconv2")(y)
@@ -275,7 +273,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         channels = x.shape[-1]
-        x = _batch_norm(self, "norm1", x, train, self.dtype)
+        x = _batch_norm(self, "norm1", x, train)
         x = ops.gelu(dense_layer(self.hidden_dim, self.dtype, "fc1")(x), self.impl)
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
         x = dense_layer(channels, self.dtype, "fc2")(x)

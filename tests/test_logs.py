@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import types
 
 from absl import logging as absl_logging
 
@@ -28,9 +30,6 @@ def test_orbax_warnings_about_our_checkpoint_layout_are_dropped_unless_verbose(c
 
 
 def test_the_unraisable_hook_drops_only_what_failed_checkpoint_reads_leave_behind():
-    import sys
-    import types
-
     seen = []
     logs.setup(verbose=True)  # the hook unwrapped
     original = sys.unraisablehook
